@@ -1,0 +1,40 @@
+# Two commands a user needs: `make demo` and `make test`. Each does its own set-up:
+# Mosquitto (apt on Debian / Raspberry Pi OS), a virtual environment and the packages.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgefl-installed
+# The CPU build of torch that installs from this machine's disk; pyproject.toml keeps a range
+# so that a Raspberry Pi takes its own aarch64 wheel.
+TORCH  ?= torch==2.13.0
+CONFIG ?= configs/b1.toml
+
+.PHONY: setup mosquitto demo test lint bench clean
+
+setup: mosquitto $(STAMP)
+
+mosquitto:
+	@sh broker/install-mosquitto.sh
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "edgefl needs Python 3.11 or newer"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/edgefl demo --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m benchmarks.b1_digits
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The aggregator service: fleet registry, rounds, aggregation, checkpoints, ONNX export."""

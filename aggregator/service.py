@@ -1,0 +1,535 @@
+"""The aggregator service: tracks the fleet, runs rounds, keeps and publishes the global model.
+
+A round (ARCHITECTURE.md, synchronous mode):
+ 1. pick participants among online devices with recent telemetry;
+ 2. publish the global model (retained) and one task per participant;
+ 3. fold each valid update into a running weighted sum as it arrives (network thread);
+ 4. close when all have reported, at the deadline, or when every missing device has gone
+    offline; apply the server optimiser if a quorum reported, else keep the model;
+ 5. evaluate, log, checkpoint.
+At the end the model is exported to ONNX, checked against PyTorch, and published for deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator import checkpoint
+from aggregator.registry import DeviceRegistry
+from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
+from edgefl.compression import WireError, make_codec
+from edgefl.config import AggregatorConfig
+from edgefl.data import Dataset, load_npz
+from edgefl.messages import (
+    AggregatorStatus,
+    GlobalModel,
+    OnnxModel,
+    Status,
+    Task,
+    Telemetry,
+    decode_update,
+    encode_model,
+    encode_onnx,
+)
+from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
+from edgefl.mqtt import MqttLink, Will
+from edgefl.strategies import make_strategy
+from edgefl.topics import Topics
+from edgefl.training import evaluate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.msgpack"
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    model_version: int
+    participants: int
+    reported: int
+    closed_by: str
+    applied: bool
+    accuracy: float | None
+    loss: float | None
+    wall_s: float
+    train_s_max: float  # the slowest reporting device's training time
+    coordination_s: float  # wall time minus the slowest device's training time
+    uplink_bytes: int
+    downlink_bytes: int
+    samples: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        cfg: AggregatorConfig,
+        *,
+        eval_data: Dataset | None = None,
+        on_round: Callable[[RoundMetrics], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.fleet)
+        self.info = model_info(cfg.model.name)
+        self.model = build_model(cfg.model.name, seed=cfg.seed)
+        self.spec = model_spec(self.model)
+        self.weights = get_weights(self.model)
+        self.version = 0
+        self.next_round = 1
+        self.strategy = make_strategy(cfg.strategy)
+        self.registry = DeviceRegistry()
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if eval_data is None and cfg.eval_data:
+            eval_data = load_npz(
+                cfg.eval_data,
+                features=int(np.prod(self.info.input_shape)),
+                classes=self.info.num_classes,
+            )
+        self.eval_data = eval_data
+        self.on_round = on_round
+        self.history: list[RoundMetrics] = []
+        self.rejected: Counter[str] = Counter()
+        self._round: Round | None = None
+        self._round_lock = threading.Lock()
+        self._last_status_at = 0.0
+        self._stopping = threading.Event()
+        self._resume()
+        self.link = MqttLink(
+            f"edgefl-{cfg.fleet}-aggregator",
+            cfg.broker,
+            will=Will(self.topics.aggregator_status, AggregatorStatus("offline").to_payload()),
+            on_connect=self._on_connect,
+            max_inflight=1000,
+        )
+        self.link.subscribe(self.topics.all_devices("status"), self._on_status)
+        self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
+        self.link.subscribe(self.topics.all_devices("update"), self._on_update)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Aggregator:
+        self.link.start(wait=True)
+        self._publish_model()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake_round()
+        if self.link.connected.is_set():
+            info = self.link.publish(
+                self.topics.aggregator_status, self._status("offline").to_payload(), retain=True
+            )
+            info.wait_for_publish(timeout=2.0)
+        self.link.stop()
+
+    def __enter__(self) -> Aggregator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self, rounds: int | None = None) -> list[RoundMetrics]:
+        """Wait for the fleet, then run rounds up to ``rounds`` (default: the config's)."""
+        last = rounds if rounds is not None else self.cfg.rounds.rounds
+        want = self.cfg.rounds.min_devices
+        n = self.registry.wait_online(want, self.cfg.rounds.wait_for_devices_s)
+        if n < want:
+            log.warning(
+                "only %d of %d devices online after %.0f s; starting anyway",
+                n,
+                want,
+                self.cfg.rounds.wait_for_devices_s,
+            )
+        while self.next_round <= last and not self._stopping.is_set():
+            self.run_round()
+        return self.history
+
+    # -- a round --------------------------------------------------------------------------------
+
+    def select(self, number: int) -> list[str]:
+        rc = self.cfg.rounds
+        eligible = [r.device_id for r in self.registry.online(rc.telemetry_max_age_s)]
+        if rc.participants and len(eligible) > rc.participants:
+            eligible = sorted(
+                random.Random(self.cfg.seed * 100_003 + number).sample(eligible, rc.participants)
+            )
+        return eligible
+
+    def run_round(self) -> RoundMetrics | None:
+        number = self.next_round
+        participants = self.select(number)
+        if not participants:
+            log.warning("round %d: no eligible device online; waiting", number)
+            self.registry.wait_for(lambda _records: bool(self.select(number)), 5.0)
+            return None
+        started = time.perf_counter()
+        rc = self.cfg.rounds
+        rnd = Round(number, self.version, participants, time.time() + rc.deadline_s, self.spec)
+        with self._round_lock:
+            self._round = rnd
+        self.registry.on_assigned(participants)
+        codec = make_codec(self.cfg.codec.name)
+        task = Task(
+            round=number,
+            base_version=self.version,
+            epochs=self.cfg.train.epochs,
+            batch_size=self.cfg.train.batch_size,
+            lr=self.cfg.train.lr,
+            codec=codec.spec(),
+            deadline=rnd.deadline,
+        )
+        downlink = 0
+        payload = task.to_payload()
+        for device_id in participants:
+            self.link.publish(self.topics.task(device_id), payload, qos=1)
+            downlink += len(payload) + self._model_bytes
+        self._publish_status(force=True)
+
+        closed_by = rnd.wait(self.registry.is_online)
+        with self._round_lock:
+            self._round = None
+        result = rnd.result(closed_by)
+        mean = rnd.sum.mean() if rnd.sum.count else None
+        return self._close(result, mean, started, downlink)
+
+    def _close(
+        self,
+        result: RoundResult,
+        mean: dict[str, np.ndarray] | None,
+        started: float,
+        downlink: int,
+    ) -> RoundMetrics:
+        rc = self.cfg.rounds
+        reported = len(result.accepted)
+        need = max(1, int(np.ceil(rc.quorum * len(result.participants))))
+        applied = mean is not None and reported >= need
+        missing = [d for d in result.participants if d not in result.accepted]
+        self.registry.on_missed(missing)
+        if applied:
+            self.weights = self.strategy.step(self.weights, mean)
+            self.version += 1
+            set_weights(self.model, self.weights)
+        else:
+            log.warning(
+                "round %d: %d of %d reported, quorum is %d; the model stays at v%d",
+                result.number,
+                reported,
+                len(result.participants),
+                need,
+                self.version,
+            )
+        loss = acc = None
+        if self.eval_data is not None:
+            loss, acc = evaluate(self.model, self.eval_data)
+        self.next_round = result.number + 1
+        if applied:
+            self._publish_model()
+        train_s = [m.get("train_s", 0.0) for m in result.accepted.values()]
+        wall = time.perf_counter() - started
+        metrics = RoundMetrics(
+            round=result.number,
+            model_version=self.version,
+            participants=len(result.participants),
+            reported=reported,
+            closed_by=result.closed_by,
+            applied=applied,
+            accuracy=acc,
+            loss=loss,
+            wall_s=wall,
+            train_s_max=max(train_s, default=0.0),
+            coordination_s=wall - max(train_s, default=0.0),
+            uplink_bytes=result.uplink_bytes,
+            downlink_bytes=downlink,
+            samples=result.samples,
+            rejected=dict(result.rejected),
+            missing=missing,
+        )
+        self.history.append(metrics)
+        self._checkpoint()
+        with (self.state_dir / "rounds.jsonl").open("a") as f:
+            f.write(json.dumps(asdict(metrics)) + "\n")
+        log.info(
+            "round %d: %d/%d reported (%s), acc %s, %.3f s (slowest device %.3f s)",
+            metrics.round,
+            reported,
+            metrics.participants,
+            metrics.closed_by,
+            "-" if acc is None else f"{acc:.4f}",
+            wall,
+            metrics.train_s_max,
+        )
+        self._publish_status(force=True, accuracy=acc)
+        if self.on_round is not None:
+            self.on_round(metrics)
+        return metrics
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    def _publish_model(self) -> None:
+        msg = GlobalModel(self.version, self.next_round - 1, self.cfg.model.name, self.weights)
+        payload = encode_model(msg, make_codec("dense_fp32"))
+        self._model_bytes = len(payload)
+        self.link.publish(self.topics.model_global, payload, qos=1, retain=True)
+
+    _model_bytes = 0
+
+    def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
+        rnd = self._round
+        return AggregatorStatus(
+            state=state,
+            round=rnd.number if rnd else self.next_round - 1,
+            model_version=self.version,
+            reported=rnd.reported if rnd else 0,
+            expected=len(rnd.participants) if rnd else 0,
+            accuracy=accuracy,
+        )
+
+    def _publish_status(
+        self, force: bool = False, accuracy: float | None = None, state: str = "online"
+    ) -> None:
+        # progress is published at most 5 times a second, so a large fleet does not flood it
+        now = time.monotonic()
+        if not force and now - self._last_status_at < 0.2:
+            return
+        self._last_status_at = now
+        self.link.publish(
+            self.topics.aggregator_status, self._status(state, accuracy).to_payload(), retain=True
+        )
+
+    def finish(self) -> None:
+        """Tell everyone that training is over (retained)."""
+        acc = self.history[-1].accuracy if self.history else None
+        info = self.link.publish(
+            self.topics.aggregator_status,
+            self._status("finished", acc).to_payload(),
+            retain=True,
+        )
+        info.wait_for_publish(timeout=5.0)
+
+    # -- network thread -------------------------------------------------------------------------
+
+    def _on_connect(self, reconnect: bool) -> None:
+        self._publish_status(force=True)
+        if reconnect and self.version > 0:
+            self._publish_model()
+
+    def _device_of(self, topic: str) -> str | None:
+        parsed = self.topics.parse_device_topic(topic)
+        return parsed[0] if parsed else None
+
+    def _reject(self, device_id: str | None, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        rnd = self._round
+        if rnd is not None:
+            rnd.count_rejection(reason)
+        log.warning("rejected update from %s: %s (%s)", device_id or "?", detail, reason)
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device_id = self._device_of(topic)
+        if device_id is None:
+            return
+        if not payload:
+            return  # a retained status being cleared
+        try:
+            status = Status.from_payload(payload)
+        except WireError as e:
+            log.warning("ignored status from %s: %s", device_id, e)
+            return
+        self.registry.on_status(device_id, status)
+        if status.state == "offline":
+            log.info("device %s is offline", device_id)
+            self._wake_round()
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        device_id = self._device_of(topic)
+        if device_id is None:
+            return
+        try:
+            telemetry = Telemetry.from_payload(payload)
+        except WireError as e:
+            log.debug("ignored telemetry from %s: %s", device_id, e)
+            return
+        self.registry.on_telemetry(device_id, telemetry)
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        device_id = self._device_of(topic)
+        if device_id is None:
+            self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}")
+            return
+        rnd = self._round
+        if rnd is None:
+            self._reject(device_id, "no_round", "no round is open")
+            return
+        try:
+            update = decode_update(
+                payload,
+                topic_device_id=device_id,
+                spec=self.spec,
+                expect_round=rnd.number,
+                expect_base=rnd.base_version,
+                max_bytes=self.cfg.limits.max_update_bytes,
+            )
+            rnd.offer(update, len(payload))
+        except WireError as e:
+            self._reject(device_id, e.reason, e.detail)
+            return
+        except Duplicate:
+            self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in")
+            return
+        except NotParticipant:
+            self._reject(device_id, "not_participant", f"not asked to work in round {rnd.number}")
+            return
+        self.registry.on_update(
+            device_id, update.metrics.get("samples_seen", 0.0), update.metrics.get("train_s", 0.0)
+        )
+        self._publish_status()
+
+    def _wake_round(self) -> None:
+        rnd = self._round
+        if rnd is not None:
+            rnd.wake()
+
+    # -- checkpoints and export ----------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(
+            self.state_dir / CHECKPOINT,
+            {
+                "model": self.cfg.model.name,
+                "version": self.version,
+                "next_round": self.next_round,
+                "weights": self.weights,
+                "strategy": {"name": self.strategy.name, "state": self.strategy.state()},
+                "registry": self.registry.snapshot(),
+                "rejected": dict(self.rejected),
+            },
+        )
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.state_dir / CHECKPOINT)
+        if state is None:
+            return
+        if state.get("model") != self.cfg.model.name:
+            raise RuntimeError(
+                f"{self.state_dir / CHECKPOINT} holds a {state.get('model')!r} model, the config "
+                f"says {self.cfg.model.name!r}; use another state_dir or remove the checkpoint"
+            )
+        self.weights = {k: np.asarray(state["weights"][k], dtype=np.float32) for k in self.spec}
+        set_weights(self.model, self.weights)
+        self.version = int(state["version"])
+        self.next_round = int(state["next_round"])
+        if state["strategy"]["name"] == self.strategy.name:
+            self.strategy.load_state(state["strategy"]["state"])
+        self.registry.restore(state.get("registry", []))
+        self.rejected.update(state.get("rejected", {}))
+        log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
+
+    def export(self, name: str = "model") -> dict[str, Any]:
+        """Export the current model to ONNX in the state dir and check it against PyTorch."""
+        from edgefl.onnx_export import export_onnx, parity
+
+        acc = self.history[-1].accuracy if self.history else None
+        metadata = {
+            "edgefl_model": self.cfg.model.name,
+            "model_version": self.version,
+            "round": self.next_round - 1,
+            "input_shape": json.dumps(list(self.info.input_shape)),
+            "labels": json.dumps(list(range(self.info.num_classes))),
+            "accuracy": "" if acc is None else f"{acc:.6f}",
+        }
+        path = export_onnx(
+            self.model,
+            self.state_dir / "models" / f"{name}-v{self.version}.onnx",
+            self.info.input_shape,
+            metadata,
+        )
+        check = (
+            self.eval_data.X
+            if self.eval_data is not None
+            else np.random.default_rng(0).random((256, *self.info.input_shape), dtype=np.float32)
+        )
+        diff = parity(path, self.model, check)
+        log.info(
+            "exported %s (%d bytes); parity with PyTorch: max |diff| = %.3g",
+            path,
+            path.stat().st_size,
+            diff,
+        )
+        return {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "parity_max_abs": diff,
+            "version": self.version,
+            "metadata": metadata,
+        }
+
+    def deploy(self, exported: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+        """Publish an exported model on model/onnx (retained) and wait until every online device
+        reports serving it. Devices that are offline get it from the retained message later."""
+        msg = OnnxModel(
+            version=exported["version"],
+            round=self.next_round - 1,
+            model=self.cfg.model.name,
+            body=Path(exported["path"]).read_bytes(),
+            metadata={k: str(v) for k, v in exported["metadata"].items()},
+        )
+        payload = encode_onnx(msg)
+        started = time.perf_counter()
+        self.link.publish(self.topics.model_onnx, payload, qos=1, retain=True)
+        done = self.registry.wait_for(_serving_all(msg.version), timeout_s)
+        took = time.perf_counter() - started
+        online = self.registry.online()
+        serving = [r for r in online if r.serving == msg.version]
+        accs = [r.serving_accuracy for r in serving if r.serving_accuracy is not None]
+        if done:
+            log.info(
+                "ONNX v%d served by all %d online devices after %.3f s",
+                msg.version,
+                len(online),
+                took,
+            )
+        else:
+            log.warning(
+                "ONNX v%d served by %d of %d online devices after %.0f s",
+                msg.version,
+                len(serving),
+                len(online),
+                timeout_s,
+            )
+        return {
+            "version": msg.version,
+            "bytes": len(payload),
+            "sha256": msg.sha256,
+            "devices_online": len(online),
+            "devices_serving": len(serving),
+            "rollout_s": took,
+            "device_accuracy_mean": float(np.mean(accs)) if accs else None,
+        }
+
+
+def _serving_all(version: int):
+    def check(records) -> bool:
+        online = [r for r in records if r.online]
+        return bool(online) and all(r.serving == version for r in online)
+
+    return check
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

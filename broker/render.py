@@ -1,0 +1,150 @@
+"""Fill in the Mosquitto configuration and ACL templates that ship in this package.
+
+Both templates use the same small rules, so a user can read them as plain Mosquitto files:
+on setting lines ``{name}`` placeholders are filled with ``str.format``; comment lines are
+copied unchanged; lines between ``#%if NAME`` and ``#%endif`` are kept only when NAME is on.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgefl.config import check_name
+
+CONFIG_TEMPLATE = "mosquitto.conf.template"
+ACL_TEMPLATE = "acl.template"
+
+# File names inside a broker's working directory; PrivateBroker, serve() and enroll() agree on
+# these so that tools can find a deployment's files from its directory alone.
+CONFIG_FILE = "mosquitto.conf"
+PASSWORD_FILE = "passwords"
+ACL_FILE = "acl"
+LOG_FILE = "mosquitto.log"
+PERSISTENCE_DIR = "persistence"
+
+
+@dataclass
+class MosquittoSettings:
+    """The values the configuration template needs; the defaults suit a deployment."""
+
+    password_file: str
+    acl_file: str
+    persistence_location: str
+    log_file: str
+    port: int = 1883
+    bind: str = "0.0.0.0"
+    user: str = "mosquitto"
+    max_packet_size: int = 1 << 20
+    autosave_interval: int = 60
+    persistent_client_expiration: str = "7d"
+    max_queued_messages: int = 10000
+    max_inflight_messages: int = 100
+    tls_port: int = 8883
+    tls_cafile: str | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    log_stderr: bool = False
+
+    @property
+    def tls(self) -> bool:
+        given = [self.tls_cafile, self.tls_certfile, self.tls_keyfile]
+        if any(given) and not all(given):
+            raise ValueError("TLS needs all three of tls_cafile, tls_certfile and tls_keyfile")
+        return all(given)
+
+
+def template_text(name: str) -> str:
+    """The text of a template shipped in this package."""
+    return resources.files("broker").joinpath(name).read_text(encoding="utf-8")
+
+
+def render(text: str, values: dict[str, Any], switches: dict[str, bool]) -> str:
+    """Apply the template rules in the module docstring to ``text``."""
+    out: list[str] = []
+    keep: list[bool] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("#%if "):
+            name = stripped[5:].strip()
+            if name not in switches:
+                raise KeyError(f"template line {number}: unknown switch {name!r}")
+            keep.append(switches[name])
+            continue
+        if stripped == "#%endif":
+            if not keep:
+                raise ValueError(f"template line {number}: #%endif without #%if")
+            keep.pop()
+            continue
+        if not all(keep):
+            continue
+        out.append(line if stripped.startswith("#") else line.format_map(values))
+    if keep:
+        raise ValueError("template ends inside an #%if block")
+    return "\n".join(out) + "\n"
+
+
+def render_config(settings: MosquittoSettings) -> str:
+    """The ``mosquitto.conf`` text for ``settings``."""
+    values = asdict(settings)
+    for key in (
+        "password_file",
+        "acl_file",
+        "persistence_location",
+        "log_file",
+        "tls_cafile",
+        "tls_certfile",
+        "tls_keyfile",
+    ):
+        if values[key] is not None:
+            _check_path(key, values[key])
+    # Mosquitto appends the database name to this string as it is.
+    if not values["persistence_location"].endswith("/"):
+        values["persistence_location"] += "/"
+    switches = {"tls": settings.tls, "log_stderr": settings.log_stderr}
+    return render(template_text(CONFIG_TEMPLATE), values, switches)
+
+
+def render_acl(
+    fleet: str, aggregator_user: str = "aggregator", monitor_user: str = "monitor"
+) -> str:
+    """The ACL text for ``fleet``."""
+    check_name("fleet", fleet)
+    values = {"fleet": fleet, "aggregator_user": aggregator_user, "monitor_user": monitor_user}
+    return render(template_text(ACL_TEMPLATE), values, {})
+
+
+def broker_user() -> str:
+    """The user to name in ``user``: ``mosquitto`` (or Mosquitto's fallback) when run as root.
+
+    When not root the setting has no effect, so the current user is named to keep the file
+    truthful.
+    """
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    for name in ("mosquitto", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("neither a 'mosquitto' nor a 'nobody' user exists for Mosquitto to run as")
+
+
+def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file in one rename, so a reloading broker never reads half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _check_path(key: str, value: str) -> None:
+    # Mosquitto's configuration has no quoting: a path with a line break or a leading or
+    # trailing space would be read as a different path.
+    if "\n" in value or "\r" in value or value != value.strip() or not value:
+        raise ValueError(f"{key} {value!r} cannot be written into mosquitto.conf")

@@ -1,0 +1,326 @@
+"""The device agent: what runs on each Pi-class device.
+
+It announces itself (retained ``online`` birth, ``offline`` Last Will), reports telemetry, keeps
+the latest global model (checked by SHA-256), trains on its local data when given a task, and
+publishes the delta as an update envelope with QoS 1.
+
+Everything the agent receives is checked before use; a bad message is logged and dropped. The
+agent never blocks its network thread: training runs on an executor, so telemetry and
+keep-alives go on while it works. Several agents can share one process (and one executor), each
+with its own MQTT connection and state: that is how the local launcher simulates a fleet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device import inference
+from edgefl import __version__
+from edgefl.compression import WireError, make_codec
+from edgefl.config import DeviceConfig
+from edgefl.data import Dataset, load_npz
+from edgefl.messages import (
+    GlobalModel,
+    Status,
+    Task,
+    Telemetry,
+    Update,
+    decode_model,
+    decode_onnx,
+    encode_update,
+)
+from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
+from edgefl.mqtt import MqttLink, Will
+from edgefl.telemetry import capabilities, read_system
+from edgefl.topics import Topics
+from edgefl.training import train_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentStats:
+    tasks_received: int = 0
+    updates_sent: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class DeviceAgent:
+    def __init__(
+        self,
+        cfg: DeviceConfig,
+        data: Dataset | None = None,
+        *,
+        executor: Executor | None = None,
+        telemetry: Callable[[DeviceAgent], Telemetry] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.id = cfg.device_id
+        self.topics = Topics(cfg.fleet)
+        info = model_info(cfg.model.name)
+        self.data = (
+            data
+            if data is not None
+            else load_npz(
+                cfg.data, features=int(np.prod(info.input_shape)), classes=info.num_classes
+            )
+        )
+        self.model = build_model(cfg.model.name)
+        self.spec = model_spec(self.model)
+        self.global_model: GlobalModel | None = None
+        self.stats = AgentStats()
+        self._lock = threading.Lock()
+        self._pending: Task | None = None  # waits for the model version it builds on
+        self._seen_rounds: set[int] = set()
+        self._busy = threading.Event()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.id}")
+        self._read_telemetry = telemetry or (lambda agent: read_system(len(agent.data)))
+        self._stop = threading.Event()
+        self._telemetry_thread: threading.Thread | None = None
+        self.link = MqttLink(
+            f"edgefl-{cfg.fleet}-{self.id}",
+            cfg.broker,
+            will=Will(self.topics.status(self.id), Status("offline").to_payload()),
+            on_connect=self._on_connect,
+        )
+        self.model_dir = Path(cfg.state_dir) / "models"
+        self.server = inference.InferenceServer()
+        self.serving_accuracy: float | None = None
+        found = inference.current(self.model_dir)
+        if found is not None:
+            self._serve(*found)
+        self.link.subscribe(self.topics.task(self.id), self._on_task)
+        self.link.subscribe(self.topics.model_global, self._on_model)
+        self.link.subscribe(self.topics.model_onnx, self._on_onnx)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> DeviceAgent:
+        self.link.start(wait=wait)
+        self._telemetry_thread = threading.Thread(
+            target=self._telemetry_loop, name=f"telemetry-{self.id}", daemon=True
+        )
+        self._telemetry_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Say goodbye (retained ``offline``), then disconnect."""
+        self._stop.set()
+        if self.link.connected.is_set():
+            info = self.link.publish(
+                self.topics.status(self.id), Status("offline").to_payload(), qos=1, retain=True
+            )
+            info.wait_for_publish(timeout=2.0)
+        self.link.stop()
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def crash(self) -> None:
+        """Drop the connection the way a power cut would: no goodbye, so the Will fires."""
+        self._stop.set()
+        self.link.abort()
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> DeviceAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def model_version(self) -> int:
+        return self.global_model.version if self.global_model else -1
+
+    # -- network thread -----------------------------------------------------------------------
+
+    def _on_connect(self, reconnect: bool) -> None:
+        self._publish_birth()
+
+    def _publish_birth(self) -> None:
+        caps = capabilities() | {
+            "samples": len(self.data),
+            "model": self.cfg.model.name,
+            "codecs": ["dense_fp32", "fp16"],
+        }
+        try:
+            reading = self._read_telemetry(self)
+        except Exception:
+            reading = None
+        status = Status(
+            "online",
+            __version__,
+            caps,
+            telemetry=reading,
+            serving=self.server.version,
+            serving_accuracy=self.serving_accuracy,
+        )
+        self.link.publish(self.topics.status(self.id), status.to_payload(), qos=1, retain=True)
+
+    def _on_onnx(self, _topic: str, payload: bytes) -> None:
+        try:
+            msg = decode_onnx(payload, model=self.cfg.model.name)
+        except WireError as e:
+            self.stats.reject(e.reason)
+            log.warning("%s: ignored ONNX model: %s", self.id, e)
+            return
+        if self.server.version is not None and msg.version <= self.server.version:
+            return
+        path = inference.install(self.model_dir, msg)
+        self._serve(msg.version, path)
+        log.info("%s: serving ONNX model v%d", self.id, msg.version)
+        self._publish_birth()  # the status now names the version in service
+
+    def _serve(self, version: int, path: Path) -> None:
+        try:
+            self.server.load(path, version)
+        except Exception:
+            log.exception("%s: could not load ONNX model v%d", self.id, version)
+            return
+        # a health figure the rollout can judge: the model's accuracy on this device's data
+        self.serving_accuracy = float((self.server.predict(self.data.X) == self.data.y).mean())
+
+    def _on_model(self, _topic: str, payload: bytes) -> None:
+        try:
+            msg = decode_model(payload, spec=self.spec, model=self.cfg.model.name)
+        except WireError as e:
+            self.stats.reject(e.reason)
+            log.warning("%s: ignored global model: %s", self.id, e)
+            return
+        with self._lock:
+            if msg.version <= self.model_version:
+                return  # a retained copy of what we hold already
+            self.global_model = msg
+            pending = self._pending
+            if pending is not None and pending.base_version == msg.version:
+                self._pending = None
+            else:
+                pending = None
+        log.debug("%s: holds global model v%d", self.id, msg.version)
+        if pending is not None:
+            self._submit(pending)
+
+    def _on_task(self, _topic: str, payload: bytes) -> None:
+        try:
+            task = Task.from_payload(payload)
+        except WireError as e:
+            self.stats.reject(e.reason)
+            log.warning("%s: ignored task: %s", self.id, e)
+            return
+        self.stats.tasks_received += 1
+        with self._lock:
+            if task.round in self._seen_rounds:
+                return  # QoS 1 may deliver twice
+            if time.time() > task.deadline:
+                log.info("%s: task for round %d arrived after its deadline", self.id, task.round)
+                return
+            self._seen_rounds.add(task.round)
+            if task.base_version > self.model_version:
+                self._pending = task  # the model it builds on is on its way
+                return
+            if task.base_version < self.model_version:
+                log.info(
+                    "%s: task for round %d builds on an old model; skipped", self.id, task.round
+                )
+                return
+        self._submit(task)
+
+    def _submit(self, task: Task) -> None:
+        try:
+            self._executor.submit(self._run_task, task)
+        except RuntimeError:  # executor shut down: we are stopping
+            pass
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    def _run_task(self, task: Task) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self._train_and_publish(task)
+        except Exception:
+            log.exception("%s: round %d failed", self.id, task.round)
+
+    def _train_and_publish(self, task: Task) -> None:
+        base = self.global_model
+        if base is None or base.version != task.base_version:
+            return
+        self._busy.set()
+        try:
+            set_weights(self.model, base.weights)
+            seed = int.from_bytes(hashlib.sha256(f"{self.id}/{task.round}".encode()).digest()[:4])
+            result = train_local(
+                self.model,
+                self.data,
+                epochs=task.epochs,
+                batch_size=task.batch_size,
+                lr=task.lr,
+                seed=seed,
+                max_steps=task.max_steps,
+            )
+            new = get_weights(self.model)
+            delta = {k: new[k] - base.weights[k] for k in new}
+            codec = make_codec(task.codec)
+            update = Update(
+                device_id=self.id,
+                round=task.round,
+                base_version=task.base_version,
+                num_samples=len(self.data),
+                delta=delta,
+                metrics={
+                    "loss": result.loss,
+                    "accuracy": result.accuracy,
+                    "train_s": result.seconds,
+                    "cpu_s": result.cpu_seconds,
+                    "steps": float(result.steps),
+                    "samples_seen": float(result.samples_seen),
+                },
+            )
+            payload = encode_update(update, codec)
+        finally:
+            self._busy.clear()
+        if time.time() > task.deadline:
+            log.info(
+                "%s: round %d finished after its deadline; update not sent", self.id, task.round
+            )
+            return
+        self.link.publish(self.topics.update(self.id), payload, qos=1)
+        self.stats.updates_sent += 1
+        self.stats.train_seconds += result.seconds
+        log.debug(
+            "%s: round %d trained %d steps in %.3f s, sent %d bytes",
+            self.id,
+            task.round,
+            result.steps,
+            result.seconds,
+            len(payload),
+        )
+
+    # -- telemetry ------------------------------------------------------------------------------
+
+    def _publish_telemetry(self) -> None:
+        try:
+            t = self._read_telemetry(self)
+        except Exception:
+            log.exception("%s: telemetry reading failed", self.id)
+            return
+        self.link.publish(self.topics.telemetry(self.id), t.to_payload(), qos=0)
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.cfg.telemetry_interval_s):
+            if self.link.connected.is_set():
+                self._publish_telemetry()

@@ -1,0 +1,53 @@
+"""The streaming weighted sum at the heart of a round.
+
+Updates are folded in as they arrive: the aggregator holds one running sum the size of the
+model, whatever the number of devices. Two partial sums merge exactly (aggregation is a sum),
+which is what lets several ingest workers share a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class WeightedSum:
+    def __init__(self, spec: Mapping[str, tuple[int, ...]]) -> None:
+        # float64 so that thousands of small contributions do not lose precision
+        self._sum = {k: np.zeros(shape, dtype=np.float64) for k, shape in spec.items()}
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if set(delta) != set(self._sum):
+            raise ValueError("delta tensors do not match the model")
+        for k, acc in self._sum.items():
+            acc += weight * delta[k]
+        self.weight += weight
+        self.count += 1
+
+    def merge(self, other: WeightedSum) -> None:
+        for k, acc in self._sum.items():
+            acc += other._sum[k]
+        self.weight += other.weight
+        self.count += other.count
+
+    def mean(self) -> dict[str, np.ndarray]:
+        if self.count == 0:
+            raise ValueError("no updates to average")
+        return {k: (v / self.weight).astype(np.float32) for k, v in self._sum.items()}
+
+    def state(self) -> dict[str, object]:
+        """For checkpoints: the partial sum as it stands."""
+        return {"sum": self._sum, "weight": self.weight, "count": self.count}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        sums = state["sum"]
+        assert isinstance(sums, Mapping)
+        for k in self._sum:
+            self._sum[k] = np.asarray(sums[k], dtype=np.float64).reshape(self._sum[k].shape)
+        self.weight = float(state["weight"])  # type: ignore[arg-type]
+        self.count = int(state["count"])  # type: ignore[call-overload]

@@ -1,0 +1,233 @@
+"""The ``edgefl`` command: the same programs a deployment runs, and the local demo.
+
+edgefl broker       run Mosquitto with edgefl's configuration (a deployment's broker)
+edgefl aggregator   run the aggregator service
+edgefl device       run a device agent (several configs: several agents in one process)
+edgefl demo         start all of the above locally and run B1 end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from edgefl.config import AggregatorConfig, ConfigError, DeviceConfig, RunConfig, load
+
+log = logging.getLogger("edgefl")
+
+
+def _setup_logging(level: str, logfile: str | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.FileHandler(logfile)]
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        handlers=handlers,
+    )
+
+
+def _until_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, so services shut down cleanly (birth/death intact)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+# -- edgefl aggregator ------------------------------------------------------------------------
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    import torch
+
+    from aggregator.service import Aggregator, peak_rss_mb
+
+    started = time.perf_counter()
+    cfg = load(AggregatorConfig, args.config)
+    torch.set_num_threads(args.threads)
+    stop = _until_signal()
+    agg = Aggregator(cfg)
+    summary: dict[str, object] = {"fleet": cfg.fleet}
+    with agg:
+        runner = threading.Thread(target=agg.run, kwargs={"rounds": args.rounds}, daemon=True)
+        first_round = {}
+
+        def note_first(_m) -> None:
+            first_round.setdefault("s", time.perf_counter() - started)
+
+        agg.on_round = note_first
+        runner.start()
+        while runner.is_alive() and not stop.is_set():
+            runner.join(0.2)
+        if stop.is_set():
+            log.info("stopping (signal); the checkpoint holds round %d", agg.next_round - 1)
+            agg.stop()
+            runner.join(5)
+            return 130
+        if not args.no_export and agg.history:
+            summary["onnx"] = exported = agg.export()
+            if not args.no_deploy:
+                summary["deployment"] = agg.deploy(exported, timeout_s=args.deploy_timeout)
+        agg.finish()
+    summary.update(
+        rounds=[vars(m) for m in agg.history],
+        rejected=dict(agg.rejected),
+        peak_rss_mb=peak_rss_mb(),
+        startup_to_first_round_s=first_round.get("s"),
+    )
+    out = Path(cfg.state_dir) / "summary.json"
+    out.write_text(json.dumps(summary, indent=1))
+    last = agg.history[-1] if agg.history else None
+    print(
+        f"aggregator: {len(agg.history)} rounds, final accuracy "
+        f"{'-' if not last or last.accuracy is None else f'{last.accuracy:.4f}'}; summary in {out}"
+    )
+    return 0
+
+
+# -- edgefl device ----------------------------------------------------------------------------
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from device.agent import DeviceAgent
+
+    configs = [load(DeviceConfig, path) for path in args.config]
+    torch.set_num_threads(configs[0].torch_threads)
+    stop = _until_signal()
+    # one executor for all agents of this process: each agent trains when its task comes, and
+    # they may all be asked at once
+    executor = ThreadPoolExecutor(min(len(configs), 64), thread_name_prefix="train")
+    agents = [DeviceAgent(c, executor=executor) for c in configs]
+    for agent in agents:
+        agent.start(wait=False)
+    log.info("%d device agent(s) started", len(agents))
+    while not stop.wait(0.5):
+        pass
+    for agent in agents:
+        agent.stop()
+    executor.shutdown(wait=False, cancel_futures=True)
+    if args.stats_out:
+        from aggregator.service import peak_rss_mb
+
+        stats = {
+            "agents": len(agents),
+            "peak_rss_mb": peak_rss_mb(),
+            "updates_sent": sum(a.stats.updates_sent for a in agents),
+            "uplink_bytes": sum(a.link.bytes_out["update"] for a in agents),
+            "downlink_bytes": sum(sum(a.link.bytes_in.values()) for a in agents),
+            "train_s": sum(a.stats.train_seconds for a in agents),
+            "serving": {a.id: a.server.version for a in agents},
+        }
+        Path(args.stats_out).write_text(json.dumps(stats, indent=1))
+    return 0
+
+
+# -- edgefl broker ----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.serve import serve
+
+    return serve(
+        fleet=args.fleet,
+        workdir=args.dir,
+        port=args.port,
+        bind=args.bind,
+        tls_cafile=args.tls_ca,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
+        tls_port=args.tls_port,
+    )
+
+
+# -- edgefl demo ------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgefl.demo import run_demo
+
+    overrides: dict[str, dict[str, object]] = {}
+    if args.rounds is not None:
+        overrides.setdefault("rounds", {})["rounds"] = args.rounds
+    if args.devices is not None:
+        overrides.setdefault("demo", {})["devices"] = args.devices
+    cfg = load(RunConfig, args.config, overrides)
+    result = run_demo(cfg, run_dir=args.run_dir, progress=True)
+    return 0 if result.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="edgefl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-file", help="write logs here instead of standard error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("aggregator", help="run the aggregator service")
+    a.add_argument("--config", required=True, help="aggregator TOML (see configs/)")
+    a.add_argument("--rounds", type=int, help="override the number of rounds")
+    a.add_argument("--threads", type=int, default=1, help="torch threads for evaluation")
+    a.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
+    a.add_argument("--no-deploy", action="store_true", help="export ONNX but do not publish it")
+    a.add_argument("--deploy-timeout", type=float, default=60.0)
+    a.set_defaults(func=cmd_aggregator)
+
+    d = sub.add_parser("device", help="run device agent(s)")
+    d.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="device TOML; repeat to run several agents in this process",
+    )
+    d.add_argument("--stats-out", help="write this process's figures here as JSON at exit")
+    d.set_defaults(func=cmd_device)
+
+    b = sub.add_parser("broker", help="run Mosquitto with edgefl's configuration")
+    b.add_argument("--dir", default="broker-data", help="where config, passwords and data live")
+    b.add_argument("--fleet", default="demo")
+    b.add_argument("--port", type=int, default=1883)
+    b.add_argument("--bind", default="0.0.0.0")
+    b.add_argument("--tls-ca")
+    b.add_argument("--tls-cert")
+    b.add_argument("--tls-key")
+    b.add_argument("--tls-port", type=int, default=8883)
+    b.set_defaults(func=cmd_broker)
+
+    m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
+    m.add_argument("--config", default="configs/b1.toml")
+    m.add_argument("--rounds", type=int)
+    m.add_argument("--devices", type=int)
+    m.add_argument("--run-dir", help="where to put the run's files (default runs/<time>)")
+    m.set_defaults(func=cmd_demo)
+
+    args = p.parse_args(argv)
+    if args.command != "demo" or args.log_file:
+        _setup_logging(args.log_level, args.log_file)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"edgefl: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

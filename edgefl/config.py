@@ -1,0 +1,277 @@
+"""Run configuration: every number a user may want to change, with its default, in one place.
+
+A configuration file is TOML. Its tables match the dataclasses below (``[broker]``,
+``[train]``, ``[rounds]`` ...); a key that is not known is an error rather than being ignored,
+so a typo cannot silently leave a default in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message says where and how."""
+
+
+def check_name(kind: str, value: str) -> str:
+    """Fleet and device names become MQTT topic levels, so they are kept to ``[a-z0-9_-]``."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ConfigError(
+            f"{kind} {value!r} is not a valid name: use 1-64 characters from a-z, 0-9, '_' and '-'"
+        )
+    return value
+
+
+@dataclass
+class BrokerConfig:
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    # CA certificate that signed the broker's certificate; setting it turns TLS on.
+    tls_ca: str | None = None
+    keepalive_s: int = 30
+    # How long the broker keeps our subscriptions and queued QoS 1 messages while we are away.
+    session_expiry_s: int = 3600
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp_digits"
+
+
+@dataclass
+class DataConfig:
+    """The fleet's data in a local run (demo, tests, benchmarks): digits, split across devices."""
+
+    dataset: str = "digits"
+    partition: str = "dirichlet"  # "dirichlet" (label skew) or "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    min_samples: int = 10
+    test_fraction: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a device (the defaults of B1)."""
+
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 5
+
+
+@dataclass
+class CodecConfig:
+    """How a device encodes its update."""
+
+    name: str = "dense_fp32"
+
+
+@dataclass
+class RoundsConfig:
+    """Synchronous rounds, as ARCHITECTURE.md describes them."""
+
+    rounds: int = 30
+    # Participants per round; 0 means every eligible online device.
+    participants: int = 0
+    # Devices that must be online before the first round starts.
+    min_devices: int = 1
+    wait_for_devices_s: float = 120.0
+    deadline_s: float = 60.0
+    # Fraction of the round's participants that must report for the round to close at its deadline.
+    quorum: float = 0.5
+    # A device whose telemetry is older than this is not picked.
+    telemetry_max_age_s: float = 60.0
+
+
+@dataclass
+class StrategyConfig:
+    """The server optimiser applied to the round's averaged delta."""
+
+    name: str = "fedavg"  # fedavg | fedavgm | fedadam
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class LimitsConfig:
+    """Limits on what the aggregator accepts from the wire."""
+
+    max_update_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass
+class AggregatorConfig:
+    fleet: str = "demo"
+    broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(username="aggregator"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Held-out data (.npz with X and y) to evaluate the global model on after every round.
+    eval_data: str | None = None
+    # Where checkpoints, metrics and the exported ONNX model go.
+    state_dir: str = "aggregator-state"
+    seed: int = 0
+
+
+@dataclass
+class DeviceConfig:
+    fleet: str = "demo"
+    device_id: str = "device-0"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    # Local training data: an .npz file with X (float32, samples x features) and y (int labels).
+    data: str = "data.npz"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    telemetry_interval_s: float = 10.0
+    # Where the agent keeps what must survive a restart (models, error-feedback state).
+    state_dir: str = "device-state"
+    torch_threads: int = 1
+
+
+@dataclass
+class DemoConfig:
+    """What `edgefl demo` and the benchmarks start locally."""
+
+    devices: int = 20
+    # Agents are spread over this many processes; each agent keeps its own MQTT connection.
+    device_processes: int = 2
+    # Also run one agent alone in its own process, to measure what one real device uses.
+    solo_device: bool = True
+    runs_dir: str = "runs"
+
+
+@dataclass
+class RunConfig:
+    """A whole local run: the aggregator's settings plus the simulated fleet's data."""
+
+    fleet: str = "demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    seed: int = 0
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict, checking key names and value types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where or cls.__name__}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in [{where or 'top level'}]; known keys: "
+            + ", ".join(sorted(names))
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    obj = cls(**kwargs)
+    if hasattr(obj, "fleet"):
+        check_name("fleet", obj.fleet)
+    if hasattr(obj, "device_id"):
+        check_name("device id", obj.device_id)
+    return obj
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{where} should be {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def load(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Read a TOML file into ``cls``; ``overrides`` (same shape) win over the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Write a (nested) dict as TOML; enough for the configuration files edgefl generates."""
+    lines: list[str] = []
+    for k, v in data.items():
+        if not isinstance(v, dict) and v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            lines.append("")
+            lines.append(f"[{name}]")
+            lines.append(to_toml(v, name).rstrip("\n"))
+    return "\n".join(line for line in lines).strip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} as TOML")

@@ -1,0 +1,426 @@
+"""A whole federated run on this machine: the programs of a deployment, started locally.
+
+``run_local`` starts a private Mosquitto from broker/'s configuration, the aggregator service and
+the device agents as separate processes (the same ``edgefl aggregator`` and ``edgefl device``
+commands a deployment runs; several agents per process, each with its own MQTT connection),
+follows the training over MQTT, and gathers a report in a run folder:
+
+    runs/<time>/metrics.json    every figure of the run
+    runs/<time>/accuracy.png    test accuracy per round
+    runs/<time>/logs/           the log of every process, the broker's included
+    runs/<time>/aggregator/     checkpoint, rounds.jsonl, exported ONNX models
+
+``edgefl demo`` and the benchmarks both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edgefl.config import (
+    AggregatorConfig,
+    BrokerConfig,
+    DeviceConfig,
+    RunConfig,
+    to_dict,
+    to_toml,
+)
+from edgefl.data import Dataset, load_digits_split, partition, save_npz
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def _write_toml(path: Path, obj: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(to_dict(obj)))
+    return path
+
+
+def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[str, int]:
+    """Split the digits over the fleet and write one .npz per device, plus the held-out set."""
+    if cfg.data.dataset != "digits":
+        raise ValueError(f"the local run knows the 'digits' dataset only, not {cfg.data.dataset!r}")
+    train, test = load_digits_split(cfg.data.test_fraction, seed=0)
+    parts = partition(
+        train.y,
+        len(device_ids),
+        cfg.data.partition,
+        cfg.data.alpha,
+        cfg.data.seed,
+        cfg.data.min_samples,
+    )
+    sizes = {}
+    for device_id, idx in zip(device_ids, parts, strict=True):
+        save_npz(data_dir / f"{device_id}.npz", Dataset(train.X[idx], train.y[idx]))
+        sizes[device_id] = len(idx)
+    save_npz(data_dir / "test.npz", test)
+    return sizes
+
+
+def _groups(ids: list[str], processes: int, solo: bool) -> list[list[str]]:
+    """Agents per process; with ``solo`` the last device runs alone, to measure one agent."""
+    rest, alone = (ids[:-1], [ids[-1:]]) if solo and len(ids) > 1 else (ids, [])
+    n = max(1, min(processes, len(rest)))
+    return [rest[i::n] for i in range(n) if rest[i::n]] + alone
+
+
+class _Progress:
+    """Prints the round, devices reported, accuracy and bytes as the run goes."""
+
+    def __init__(self, total_rounds: int, enabled: bool) -> None:
+        self.total = total_rounds
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.live = ""
+        self._lock = threading.Lock()
+
+    def status(self, rnd: int, reported: int, expected: int) -> None:
+        if not self.tty or expected == 0:
+            return
+        with self._lock:
+            self.live = f"  round {rnd:>3}/{self.total}: {reported:>3}/{expected} devices reported"
+            sys.stdout.write("\r" + self.live.ljust(70))
+            sys.stdout.flush()
+
+    def round_done(self, m: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+        up = m["uplink_bytes"] / max(m["reported"], 1) / 1024
+        down = m["downlink_bytes"] / max(m["participants"], 1) / 1024
+        line = (
+            f"  round {m['round']:>3}/{self.total}: {m['reported']:>3}/{m['participants']} reported"
+            f"  acc {acc}  {m['wall_s'] * 1000:6.0f} ms"
+            f"  up {up:5.1f} KiB/dev  down {down:5.1f} KiB/dev"
+        )
+        with self._lock:
+            prefix = "\r" if self.tty else ""
+            sys.stdout.write(prefix + line.ljust(70) + "\n")
+            sys.stdout.flush()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            with self._lock:
+                sys.stdout.write(("\r" if self.tty else "") + text.ljust(70) + "\n")
+                sys.stdout.flush()
+
+
+def run_local(
+    cfg: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+    timeout_s: float = 1800.0,
+) -> RunResult:
+    """Run the configured federated training end to end; see the module docstring."""
+    from broker import PrivateBroker
+    from edgefl.messages import AggregatorStatus
+    from edgefl.mqtt import MqttLink
+
+    t0 = time.perf_counter()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir) if run_dir else Path(cfg.demo.runs_dir) / stamp
+    run_dir = run_dir.resolve()
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    n = cfg.demo.devices
+    device_ids = [f"dev-{i:0{max(2, len(str(n - 1)))}d}" for i in range(n)]
+    show = _Progress(cfg.rounds.rounds, progress)
+    show.say(
+        f"edgefl: {n} devices, {cfg.rounds.rounds} rounds, model {cfg.model.name}, "
+        f"codec {cfg.codec.name}; run folder {run_dir}"
+    )
+
+    sizes = prepare_data(cfg, run_dir / "data", device_ids)
+    procs: list[tuple[str, subprocess.Popen]] = []
+    result = RunResult(ok=False, run_dir=run_dir)
+    marks: dict[str, float] = {}
+
+    with PrivateBroker(cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids) as broker:
+        marks["broker_up_s"] = time.perf_counter() - t0
+        agg_cfg = AggregatorConfig(
+            fleet=cfg.fleet,
+            broker=broker.broker_config(broker.aggregator),
+            model=cfg.model,
+            train=cfg.train,
+            codec=cfg.codec,
+            rounds=cfg.rounds,
+            strategy=cfg.strategy,
+            limits=cfg.limits,
+            eval_data=str(run_dir / "data" / "test.npz"),
+            state_dir=str(run_dir / "aggregator"),
+            seed=cfg.seed,
+        )
+        agg_cfg.rounds.min_devices = n
+        agg_path = _write_toml(run_dir / "aggregator.toml", agg_cfg)
+        device_paths = {}
+        for device_id in device_ids:
+            dcfg = DeviceConfig(
+                fleet=cfg.fleet,
+                device_id=device_id,
+                broker=broker.broker_config(broker.device_account(device_id)),
+                data=str(run_dir / "data" / f"{device_id}.npz"),
+                model=cfg.model,
+                state_dir=str(run_dir / "devices" / device_id),
+            )
+            device_paths[device_id] = _write_toml(run_dir / "devices" / f"{device_id}.toml", dcfg)
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        groups = _groups(device_ids, cfg.demo.device_processes, cfg.demo.solo_device)
+        for i, group in enumerate(groups):
+            name = f"devices-{i}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "edgefl",
+                "--log-file",
+                str(logs / f"{name}.log"),
+                "device",
+                "--stats-out",
+                str(run_dir / f"{name}.json"),
+            ]
+            for device_id in group:
+                cmd += ["--config", str(device_paths[device_id])]
+            procs.append((name, _spawn(cmd, env, logs / f"{name}.out")))
+        agg_cmd = [
+            sys.executable,
+            "-m",
+            "edgefl",
+            "--log-file",
+            str(logs / "aggregator.log"),
+            "aggregator",
+            "--config",
+            str(agg_path),
+        ]
+        aggregator = _spawn(agg_cmd, env, logs / "aggregator.out")
+        marks["processes_started_s"] = time.perf_counter() - t0
+
+        # follow the run over MQTT, like any dashboard would
+        def on_status(_topic: str, payload: bytes) -> None:
+            st = AggregatorStatus.from_payload(payload)
+            if st.expected and "first_round_s" not in marks:
+                marks["first_round_s"] = time.perf_counter() - t0
+            show.status(st.round, st.reported, st.expected)
+
+        monitor = MqttLink(
+            f"edgefl-{cfg.fleet}-monitor", broker.broker_config(broker.monitor), clean_start=True
+        )
+        monitor.subscribe(f"edgefl/{cfg.fleet}/aggregator/status", on_status)
+        rounds_file = run_dir / "aggregator" / "rounds.jsonl"
+        seen = 0
+        rounds: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            with monitor:
+                while aggregator.poll() is None and time.monotonic() < deadline:
+                    seen = _follow(rounds_file, seen, rounds, show)
+                    if any(p.poll() is not None for _, p in procs):
+                        raise RuntimeError(f"a device process stopped early; see {logs}")
+                    time.sleep(0.1)
+                _follow(rounds_file, seen, rounds, show)
+                marks["aggregator_done_s"] = time.perf_counter() - t0
+            if aggregator.returncode is None:
+                raise RuntimeError(f"the run did not finish within {timeout_s:.0f} s")
+            if aggregator.returncode != 0:
+                raise RuntimeError(
+                    f"the aggregator exited with code {aggregator.returncode}; "
+                    f"see {logs / 'aggregator.log'} and {logs / 'aggregator.out'}"
+                )
+        except Exception as e:
+            result.error = str(e)
+        finally:
+            for _, p in procs:
+                p.terminate()
+            aggregator.terminate() if aggregator.poll() is None else None
+            for _, p in [*procs, ("aggregator", aggregator)]:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            _copy_broker_log(broker, logs)
+    marks["total_s"] = time.perf_counter() - t0
+
+    summary_path = run_dir / "aggregator" / "summary.json"
+    agg_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    device_stats = {}
+    for i, group in enumerate(groups):
+        path = run_dir / f"devices-{i}.json"
+        if path.exists():
+            device_stats[f"devices-{i}"] = json.loads(path.read_text()) | {"devices": group}
+    result.metrics = _metrics(cfg, agg_summary, device_stats, marks, sizes, groups)
+    (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
+    _plot(result.metrics, run_dir / "accuracy.png")
+    result.ok = not result.error and bool(agg_summary.get("rounds"))
+    if result.error:
+        show.say(f"edgefl: run failed: {result.error}")
+    return result
+
+
+def _spawn(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
+    """Start a process whose standard output and error (crashes included) go to ``out``."""
+    with out.open("wb") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _follow(path: Path, seen: int, rounds: list, show: _Progress) -> int:
+    if not path.exists():
+        return seen
+    lines = path.read_text().splitlines()
+    for line in lines[seen:]:
+        if line.strip():
+            m = json.loads(line)
+            rounds.append(m)
+            show.round_done(m)
+    return len(lines)
+
+
+def _copy_broker_log(broker: Any, logs: Path) -> None:
+    try:
+        (logs / "mosquitto.log").write_bytes(Path(broker.log_path).read_bytes())
+    except OSError:
+        pass
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _metrics(
+    cfg: RunConfig,
+    agg: dict[str, Any],
+    devices: dict[str, Any],
+    marks: dict[str, float],
+    sizes: dict[str, int],
+    groups: list[list[str]],
+) -> dict[str, Any]:
+    rounds = agg.get("rounds", [])
+    reported = sum(r["reported"] for r in rounds)
+    asked = sum(r["participants"] for r in rounds)
+    solo = None
+    if cfg.demo.solo_device and len(groups) > 1 and len(groups[-1]) == 1:
+        solo = devices.get(f"devices-{len(groups) - 1}")
+    final = rounds[-1]["accuracy"] if rounds else None
+    return {
+        "config": to_dict(cfg),
+        "final_acc": final,
+        "acc_by_round": [r["accuracy"] for r in rounds],
+        "rounds": rounds,
+        "wall_s": marks.get("total_s"),
+        "startup_s": marks.get("first_round_s"),
+        "rounds_wall_s": sum(r["wall_s"] for r in rounds),
+        "round_wall_s_median": _median([r["wall_s"] for r in rounds]),
+        "device_compute_s_per_round_median": _median([r["train_s_max"] for r in rounds]),
+        "coordination_s_per_round": _median([r["coordination_s"] for r in rounds]),
+        "uplink_bytes_per_device_round": sum(r["uplink_bytes"] for r in rounds) / max(reported, 1),
+        "downlink_bytes_per_device_round": sum(r["downlink_bytes"] for r in rounds) / max(asked, 1),
+        "rejected": agg.get("rejected", {}),
+        "aggregator_peak_rss_mb": agg.get("peak_rss_mb"),
+        "device_peak_rss_mb": solo.get("peak_rss_mb") if solo else None,
+        "device_processes": devices,
+        "onnx": agg.get("onnx"),
+        "deployment": agg.get("deployment"),
+        "samples_per_device": sizes,
+        "marks": marks,
+    }
+
+
+def _plot(metrics: dict[str, Any], path: Path) -> None:
+    accs = [a for a in metrics.get("acc_by_round", []) if a is not None]
+    if not accs:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    cfg = metrics["config"]
+    ax.set_title(
+        f"edgefl: {cfg['demo']['devices']} devices, {cfg['model']['name']}, {cfg['codec']['name']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_summary(result: RunResult) -> None:
+    m = result.metrics
+    kib = 1024
+    onnx = m.get("onnx") or {}
+    dep = m.get("deployment") or {}
+    final = m.get("final_acc")
+    lines = [
+        "",
+        "summary",
+        f"  final test accuracy   {final:.4f}" if final is not None else "  final accuracy  -",
+        f"  wall time             {m['wall_s']:.1f} s (start-up {m['startup_s'] or 0:.1f} s, "
+        f"rounds {m['rounds_wall_s']:.1f} s)",
+        f"  per round (median)    {m['round_wall_s_median'] * 1000:.0f} ms, of which slowest "
+        f"device training {m['device_compute_s_per_round_median'] * 1000:.0f} ms, coordination "
+        f"{m['coordination_s_per_round'] * 1000:.0f} ms",
+        f"  uplink / downlink     {m['uplink_bytes_per_device_round'] / kib:.1f} KiB / "
+        f"{m['downlink_bytes_per_device_round'] / kib:.1f} KiB per device-round",
+    ]
+    if m.get("aggregator_peak_rss_mb"):
+        dev = m.get("device_peak_rss_mb")
+        lines.append(
+            f"  peak memory           aggregator {m['aggregator_peak_rss_mb']:.0f} MB, one "
+            f"device agent {dev:.0f} MB"
+            if dev
+            else ""
+        )
+    if onnx:
+        lines.append(
+            f"  ONNX                  {onnx['bytes'] / kib:.1f} KiB, parity with PyTorch "
+            f"max |diff| {onnx['parity_max_abs']:.2e}"
+        )
+    if dep:
+        lines.append(
+            f"  deployment            v{dep['version']} served by {dep['devices_serving']}/"
+            f"{dep['devices_online']} devices {dep['rollout_s']:.2f} s after publishing"
+        )
+    if m.get("rejected"):
+        lines.append(f"  rejected updates      {m['rejected']}")
+    lines.append(f"  report                {result.run_dir}/ (metrics.json, accuracy.png, logs/)")
+    print("\n".join(line for line in lines if line))
+
+
+def run_demo(cfg: RunConfig, run_dir: str | None = None, progress: bool = True) -> RunResult:
+    result = run_local(cfg, run_dir, progress=progress)
+    if result.metrics.get("rounds"):
+        print_summary(result)
+    return result
+
+
+def broker_config_for(host: str, port: int, username: str, password: str) -> BrokerConfig:
+    return BrokerConfig(host=host, port=port, username=username, password=password)

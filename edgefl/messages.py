@@ -1,0 +1,494 @@
+"""Every message edgefl puts on MQTT, typed, with the one place each is encoded and validated.
+
+Binary messages (the update envelope, the global model) are MessagePack maps; control messages
+(status, telemetry, tasks) are JSON so that ``mosquitto_sub`` shows them readably. Neither decoder
+can run code: MessagePack extension types are refused and JSON has none.
+
+Everything read from the wire goes through a ``decode``/``from_payload`` here and either comes
+out as a valid object or raises :class:`~edgefl.compression.WireError` with a reason code.
+The rest of edgefl handles only valid objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edgefl.compression import Codec, ModelSpec, WireError, make_codec
+from edgefl.config import NAME_RE
+
+FORMAT_VERSION = 1
+UPDATE_FORMAT = "edgefl.update"
+MODEL_FORMAT = "edgefl.model"
+MAX_CONTROL_BYTES = 64 * 1024
+MAX_METRICS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks shared by the decoders
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in d:
+        raise WireError("malformed", f"{what} has no {key!r}")
+    value = d[key]
+    # bool is an int in Python; on the wire a flag is never a count
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise WireError("malformed", f"{what}: {key!r} must be a number, got {value!r}")
+    if not isinstance(value, kind):
+        raise WireError("malformed", f"{what}: {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _count(d: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = 2**53) -> int:
+    value = _get(d, key, int, what)
+    if not lo <= value <= hi:
+        raise WireError("malformed", f"{what}: {key!r} = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _number(
+    d: Mapping[str, Any], key: str, what: str, lo: float = -math.inf, hi: float = math.inf
+) -> float:
+    value = float(_get(d, key, (int, float), what))
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise WireError("malformed", f"{what}: {key!r} = {value} is not finite or out of range")
+    return value
+
+
+def _optional_number(d: Mapping[str, Any], key: str, what: str, lo: float, hi: float):
+    if d.get(key) is None:
+        return None
+    return _number(d, key, what, lo, hi)
+
+
+def _name(d: Mapping[str, Any], key: str, what: str) -> str:
+    value = _get(d, key, str, what)
+    if not NAME_RE.match(value):
+        raise WireError("malformed", f"{what}: {key!r} = {value[:80]!r} is not a valid name")
+    return value
+
+
+def _metrics(value: Any, what: str) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise WireError("malformed", f"{what}: metrics must be a map of at most {MAX_METRICS}")
+    out: dict[str, float] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise WireError("malformed", f"{what}: metric names must be short strings")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise WireError("malformed", f"{what}: metric {k!r} must be a finite number")
+        out[k] = float(v)
+    return out
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise WireError("malformed", f"MessagePack extension type {code} is not allowed")
+
+
+def _unpack_any(payload: bytes, max_bytes: int) -> Any:
+    if not isinstance(payload, (bytes, bytearray)):
+        raise WireError("malformed", "payload is not bytes")
+    if len(payload) > max_bytes:
+        raise WireError("too_large", f"{len(payload)} bytes, the limit is {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+        )
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises several types for truncated or invalid input
+        raise WireError("malformed", f"not a MessagePack document ({type(e).__name__})") from None
+
+
+def unpack(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """MessagePack map from untrusted bytes: size-capped, no extension types, string keys."""
+    obj = _unpack_any(payload, max_bytes)
+    if not isinstance(obj, dict):
+        raise WireError("malformed", "payload is not a MessagePack map")
+    return obj
+
+
+def _check_header(obj: Mapping[str, Any], fmt: str) -> None:
+    if obj.get("fmt") != fmt:
+        raise WireError("malformed", f"not an {fmt} message (fmt={obj.get('fmt')!r})")
+    version = obj.get("v")
+    if version != FORMAT_VERSION:
+        raise WireError("version", f"format version {version!r}, this build reads {FORMAT_VERSION}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the update envelope (device -> aggregator)
+
+
+@dataclass
+class Update:
+    """A device's contribution to one round: the delta from the base model, and what it cost."""
+
+    device_id: str
+    round: int
+    base_version: int
+    num_samples: int
+    delta: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "dense_fp32"})
+
+
+def encode_update(update: Update, codec: Codec, records: list[dict] | None = None) -> bytes:
+    """The envelope's bytes. ``records`` lets a caller pass tensors it has already encoded."""
+    return msgpack.packb(
+        {
+            "fmt": UPDATE_FORMAT,
+            "v": FORMAT_VERSION,
+            "device": update.device_id,
+            "round": update.round,
+            "base": update.base_version,
+            "n": update.num_samples,
+            "metrics": update.metrics,
+            "codec": codec.spec(),
+            "tensors": records if records is not None else codec.encode(update.delta),
+            "ts": time.time(),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_update(
+    payload: bytes,
+    *,
+    topic_device_id: str,
+    spec: ModelSpec,
+    expect_round: int | None = None,
+    expect_base: int | None = None,
+    max_bytes: int = 8 << 20,
+    max_samples: int = 10_000_000,
+) -> Update:
+    """The only way an update gets in: every field checked, or WireError with the reason."""
+    obj = unpack(payload, max_bytes)
+    _check_header(obj, UPDATE_FORMAT)
+    what = "update"
+    device_id = _name(obj, "device", what)
+    if device_id != topic_device_id:
+        raise WireError(
+            "device_mismatch", f"envelope says device {device_id!r}, topic says {topic_device_id!r}"
+        )
+    rnd = _count(obj, "round", what)
+    base = _count(obj, "base", what)
+    if expect_round is not None and rnd != expect_round:
+        raise WireError("round", f"update for round {rnd}, the open round is {expect_round}")
+    if expect_base is not None and base != expect_base:
+        raise WireError(
+            "base_version", f"update against model v{base}, the round uses v{expect_base}"
+        )
+    n = _count(obj, "n", what, lo=1, hi=max_samples)
+    metrics = _metrics(obj.get("metrics", {}), what)
+    codec_spec = obj.get("codec")
+    codec = make_codec(codec_spec)
+    delta = codec.decode(obj.get("tensors"), spec)
+    return Update(device_id, rnd, base, n, delta, metrics, dict(codec_spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# the global model (aggregator -> devices, retained)
+
+
+@dataclass
+class GlobalModel:
+    version: int
+    round: int
+    model: str
+    weights: dict[str, np.ndarray]
+    sha256: str = ""
+
+
+def encode_model(msg: GlobalModel, codec: Codec) -> bytes:
+    body = msgpack.packb(codec.encode(msg.weights), use_bin_type=True)
+    digest = hashlib.sha256(body).hexdigest()
+    msg.sha256 = digest
+    return msgpack.packb(
+        {
+            "fmt": MODEL_FORMAT,
+            "v": FORMAT_VERSION,
+            "version": msg.version,
+            "round": msg.round,
+            "model": msg.model,
+            "codec": codec.spec(),
+            "sha256": digest,
+            "body": body,
+            "ts": time.time(),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_model(payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20):
+    """The global model from its retained message, its SHA-256 verified."""
+    obj = unpack(payload, max_bytes)
+    _check_header(obj, MODEL_FORMAT)
+    what = "global model"
+    version = _count(obj, "version", what)
+    rnd = _count(obj, "round", what)
+    name = _get(obj, "model", str, what)
+    if name != model:
+        raise WireError("model", f"global model is {name[:64]!r}, this device runs {model!r}")
+    body = _get(obj, "body", bytes, what)
+    digest = _get(obj, "sha256", str, what)
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise WireError("checksum", "SHA-256 of the model body does not match")
+    codec = make_codec(obj.get("codec"))
+    records = _unpack_any(body, max_bytes)
+    if not isinstance(records, list):
+        raise WireError("malformed", "model body is not a list of tensors")
+    weights = codec.decode(records, spec)
+    return GlobalModel(version, rnd, name, weights, digest)
+
+
+ONNX_FORMAT = "edgefl.onnx"
+
+
+@dataclass
+class OnnxModel:
+    """A deployable ONNX model (aggregator -> devices, retained on model/onnx)."""
+
+    version: int
+    round: int
+    model: str
+    body: bytes  # the .onnx file
+    metadata: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def encode_onnx(msg: OnnxModel) -> bytes:
+    msg.sha256 = hashlib.sha256(msg.body).hexdigest()
+    return msgpack.packb(
+        {
+            "fmt": ONNX_FORMAT,
+            "v": FORMAT_VERSION,
+            "version": msg.version,
+            "round": msg.round,
+            "model": msg.model,
+            "metadata": msg.metadata,
+            "sha256": msg.sha256,
+            "body": msg.body,
+            "ts": time.time(),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_onnx(payload: bytes, *, model: str, max_bytes: int = 256 << 20) -> OnnxModel:
+    """The deployable model from its retained message, its SHA-256 verified."""
+    obj = unpack(payload, max_bytes)
+    _check_header(obj, ONNX_FORMAT)
+    what = "ONNX model"
+    name = _get(obj, "model", str, what)
+    if name != model:
+        raise WireError("model", f"ONNX model is {name[:64]!r}, this device runs {model!r}")
+    body = _get(obj, "body", bytes, what)
+    digest = _get(obj, "sha256", str, what)
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise WireError("checksum", "SHA-256 of the ONNX file does not match")
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise WireError("malformed", "ONNX metadata must map strings to strings")
+    return OnnxModel(
+        version=_count(obj, "version", what),
+        round=_count(obj, "round", what),
+        model=name,
+        body=body,
+        metadata=meta,
+        sha256=digest,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# control messages (JSON)
+
+
+def _load_json(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise WireError("too_large", f"{what} of {len(payload)} bytes")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise WireError("malformed", f"{what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise WireError("malformed", f"{what} is not a JSON object")
+    return obj
+
+
+def _dump_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass
+class Task:
+    """What the aggregator asks of one device in one round."""
+
+    round: int
+    base_version: int
+    epochs: int
+    batch_size: int
+    lr: float
+    codec: dict[str, Any]
+    deadline: float  # unix time by which the update must have arrived
+    max_steps: int = 0  # 0 = no cap beyond the epochs
+    issued: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Task:
+        obj = _load_json(payload, "task")
+        if obj.get("v") != FORMAT_VERSION:
+            raise WireError("version", f"task format {obj.get('v')!r}")
+        what = "task"
+        codec = obj.get("codec")
+        make_codec(codec)  # refuse a codec this build cannot produce
+        return cls(
+            round=_count(obj, "round", what),
+            base_version=_count(obj, "base_version", what),
+            epochs=_count(obj, "epochs", what, 0, 1000),
+            batch_size=_count(obj, "batch_size", what, 1, 1 << 16),
+            lr=_number(obj, "lr", what, 0.0, 100.0),
+            codec=dict(codec),
+            deadline=_number(obj, "deadline", what, 0.0),
+            max_steps=_count(obj, "max_steps", what, 0, 10_000_000) if "max_steps" in obj else 0,
+            issued=_number(obj, "issued", what, 0.0),
+        )
+
+
+@dataclass
+class Telemetry:
+    """A device's resources right now; None where the hardware cannot say."""
+
+    cpu_percent: float
+    mem_available_mb: float
+    samples: int
+    battery_percent: float | None = None
+    charging: bool | None = None
+    temperature_c: float | None = None
+    link_kbps: float | None = None
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Telemetry:
+        return cls.from_dict(_load_json(payload, "telemetry"))
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Telemetry:
+        what = "telemetry"
+        charging = obj.get("charging")
+        if charging is not None and not isinstance(charging, bool):
+            raise WireError("malformed", "charging must be true, false or null")
+        return cls(
+            cpu_percent=_number(obj, "cpu_percent", what, 0.0, 100.0 * 1024),
+            mem_available_mb=_number(obj, "mem_available_mb", what, 0.0),
+            samples=_count(obj, "samples", what),
+            battery_percent=_optional_number(obj, "battery_percent", what, 0.0, 100.0),
+            charging=charging,
+            temperature_c=_optional_number(obj, "temperature_c", what, -100.0, 200.0),
+            link_kbps=_optional_number(obj, "link_kbps", what, 0.0, 1e9),
+            ts=_number(obj, "ts", what, 0.0),
+        )
+
+
+@dataclass
+class Status:
+    """A device's birth certificate or its Last Will.
+
+    A birth (``online``) carries the device's capabilities, a first telemetry reading (so the
+    aggregator can schedule it before its first periodic report) and the ONNX model version it
+    serves, if any. The Will is a bare ``offline``.
+    """
+
+    state: str  # "online" | "offline"
+    agent_version: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    telemetry: Telemetry | None = None
+    serving: int | None = None  # version of the ONNX model the device serves
+    serving_accuracy: float | None = None  # that model's accuracy on the device's own data
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        obj = {"v": FORMAT_VERSION, **asdict(self)}
+        return _dump_json(obj)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Status:
+        obj = _load_json(payload, "status")
+        what = "status"
+        state = obj.get("state")
+        if state not in ("online", "offline"):
+            raise WireError("malformed", f"status state {state!r}")
+        caps = obj.get("capabilities", {})
+        if not isinstance(caps, dict):
+            raise WireError("malformed", "capabilities must be an object")
+        version = obj.get("agent_version", "")
+        if not isinstance(version, str):
+            raise WireError("malformed", "agent_version must be a string")
+        telemetry = obj.get("telemetry")
+        if telemetry is not None:
+            if not isinstance(telemetry, dict):
+                raise WireError("malformed", "telemetry in a status must be an object")
+            telemetry = Telemetry.from_dict(telemetry)
+        serving = obj.get("serving")
+        return cls(
+            state=state,
+            agent_version=version[:64],
+            capabilities=caps,
+            telemetry=telemetry,
+            serving=None if serving is None else _count(obj, "serving", what),
+            serving_accuracy=_optional_number(obj, "serving_accuracy", what, 0.0, 1.0),
+            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+        )
+
+
+@dataclass
+class AggregatorStatus:
+    """Retained on aggregator/status: alive or not, and where the training stands."""
+
+    state: str  # "online" | "offline" | "finished"
+    round: int = 0
+    model_version: int = 0
+    reported: int = 0
+    expected: int = 0
+    accuracy: float | None = None
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> AggregatorStatus:
+        obj = _load_json(payload, "aggregator status")
+        what = "aggregator status"
+        state = obj.get("state")
+        if state not in ("online", "offline", "finished"):
+            raise WireError("malformed", f"aggregator state {state!r}")
+        return cls(
+            state=state,
+            round=_count(obj, "round", what) if "round" in obj else 0,
+            model_version=_count(obj, "model_version", what) if "model_version" in obj else 0,
+            reported=_count(obj, "reported", what) if "reported" in obj else 0,
+            expected=_count(obj, "expected", what) if "expected" in obj else 0,
+            accuracy=_optional_number(obj, "accuracy", what, 0.0, 1.0),
+            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+        )

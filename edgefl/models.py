@@ -1,0 +1,79 @@
+"""Models by name, and the conversion between a torch model and named numpy weights.
+
+Models output logits; the loss (cross-entropy) applies the softmax, and so does whoever wants
+probabilities at inference. Keeping softmax out of the graph keeps the ONNX export and the int8
+variant simple.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    input_shape: tuple[int, ...]  # one sample, without the batch axis
+    num_classes: int
+    build: Callable[[], nn.Module]
+
+
+def _mlp(inputs: int, hidden: int, classes: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    return build
+
+
+MODELS: dict[str, ModelInfo] = {
+    # B1: digits are 8x8 = 64 features
+    "mlp_digits": ModelInfo("mlp_digits", (64,), 10, _mlp(64, 128, 10)),
+    # 28x28 images (MNIST-shaped data a user brings)
+    "mlp_mnist": ModelInfo("mlp_mnist", (784,), 10, _mlp(784, 128, 10)),
+}
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Module:
+    """A fresh model; with ``seed`` its initial weights are reproducible."""
+    info = model_info(name)
+    if seed is None:
+        return info.build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return info.build()
+
+
+def model_spec(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in state_dict order: what every payload must match."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+    }
+
+
+def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(weights[k], dtype=np.float32))
+        for k in model.state_dict()
+    }
+    model.load_state_dict(state, strict=True)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

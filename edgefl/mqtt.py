@@ -1,0 +1,222 @@
+"""One MQTT 5 connection with the lifecycle both roles need (paho-mqtt 2.x underneath).
+
+- A persistent session (``clean_start=False`` plus a session expiry), so QoS 1 messages sent
+  while we were away are delivered when we come back.
+- Reconnects by itself, with backoff, after losing the broker; subscriptions are renewed on every
+  (re)connect, which also covers a broker that restarted without its persistence file.
+- A Last Will, for the birth/death scheme of ARCHITECTURE.md.
+- Handlers run in the network thread; an exception in one is logged and counted, never allowed to
+  stop the connection: what arrives over MQTT is untrusted and may trip anything.
+- Counts payload bytes published and received, per topic kind, for the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgefl.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker could not be reached, or refused us; the message says which and what to check."""
+
+
+@dataclass
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def _kind(topic: str) -> str:
+    """The last level of a topic ("update", "task", "global" ...), for byte accounting."""
+    return topic.rsplit("/", 1)[-1]
+
+
+class MqttLink:
+    """A connection that stays up. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        client_id: str,
+        broker: BrokerConfig,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[bool], None] | None = None,
+        clean_start: bool = False,
+        max_inflight: int = 100,
+    ) -> None:
+        self.client_id = client_id
+        self.broker = broker
+        self._on_connect_cb = on_connect
+        self._clean_start = clean_start
+        self._subs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._first_result: threading.Event = threading.Event()
+        self._refused: str | None = None
+        self.bytes_out: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self.handler_errors = 0
+        self.connects = 0
+
+        c = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        if broker.username is not None:
+            c.username_pw_set(broker.username, broker.password)
+        if broker.tls_ca:
+            c.tls_set(ca_certs=broker.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_inflight_messages_set(max_inflight)
+        c.max_queued_messages_set(0)  # queue without bound while offline; QoS 1 must not be lost
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        self._client = c
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> MqttLink:
+        """Connect in the background; with ``wait``, return once connected or raise why not."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.broker.session_expiry_s
+        self._client.connect_async(
+            self.broker.host,
+            self.broker.port,
+            keepalive=self.broker.keepalive_s,
+            clean_start=self._clean_start,
+            properties=props,
+        )
+        self._client.loop_start()
+        if wait:
+            self.wait_connected(self.broker.connect_timeout_s)
+        return self
+
+    def wait_connected(self, timeout: float) -> None:
+        if self.connected.wait(timeout):
+            return
+        where = f"{self.broker.host}:{self.broker.port}"
+        if self._refused:
+            self.stop()
+            raise BrokerUnavailable(
+                f"broker at {where} refused {self.client_id!r}: {self._refused}. "
+                "Check the username and password in the [broker] section of the config."
+            )
+        raise BrokerUnavailable(
+            f"no connection to the broker at {where} within {timeout:.0f} s; is it running, and "
+            "are host and port right? (`edgefl broker` starts one)"
+        )
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker does not publish the Will) and end the network thread."""
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without an MQTT DISCONNECT, as a crash or a power cut would.
+
+        The broker then publishes our Will. Used to inject faults in tests and benchmarks.
+        """
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self.connected.clear()
+
+    def __enter__(self) -> MqttLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- traffic ------------------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler(topic, payload)``."""
+
+        def callback(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+            self._dispatch(handler, msg)
+
+        self._client.message_callback_add(topic_filter, callback)
+        with self._lock:
+            self._subs[topic_filter] = qos
+            live = self.connected.is_set()
+        if live:
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> paho.MQTTMessageInfo:
+        """Queue a message; QoS 1 messages are kept and sent once the link is back if it is down."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning(
+                "%s: publish to %s failed: %s", self.client_id, topic, paho.error_string(info.rc)
+            )
+        self.bytes_out[_kind(topic)] += len(payload)
+        return info
+
+    def _dispatch(self, handler: Handler, msg: paho.MQTTMessage) -> None:
+        try:
+            self.bytes_in[_kind(msg.topic)] += len(msg.payload)
+            handler(msg.topic, msg.payload)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s: handler for %s failed; message dropped", self.client_id, msg.topic)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+
+    def _handle_connect(self, client, _userdata, flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
+            if reason_code.value in (
+                0x86,
+                0x87,
+                0x8C,
+            ):  # bad credentials / not authorised / bad auth
+                # retrying with the same credentials cannot succeed; stop hammering the broker
+                threading.Thread(target=client.disconnect, daemon=True).start()
+            return
+        self.connects += 1
+        with self._lock:
+            subs = list(self._subs.items())
+            # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
+            self.connected.set()
+        if subs:
+            client.subscribe([(f, q) for f, q in subs])
+        if self.connects > 1:
+            log.info("%s: reconnected (session present: %s)", self.client_id, flags.session_present)
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb(self.connects > 1)
+            except Exception:
+                log.exception("%s: on_connect callback failed", self.client_id)
+
+    def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was and reason_code.value != 0:
+            log.warning("%s: lost the broker (%s); reconnecting", self.client_id, reason_code)

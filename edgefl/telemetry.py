@@ -1,0 +1,61 @@
+"""Telemetry readers: what a device says about its resources, in the Telemetry message format.
+
+On real hardware everything comes from psutil; battery and temperature are None where the board
+has no sensor (a Raspberry Pi on mains power has no battery). A simulated device reads the same
+fields from its profile instead.
+"""
+
+from __future__ import annotations
+
+import psutil
+
+from edgefl.messages import Telemetry
+
+
+def _cpu_temperature() -> float | None:
+    read = getattr(psutil, "sensors_temperatures", None)
+    if read is None:
+        return None
+    try:
+        sensors = read()
+    except (OSError, RuntimeError):
+        return None
+    # Raspberry Pi OS reports the SoC as "cpu_thermal"; x86 boards as "coretemp" / "k10temp"
+    for name in ("cpu_thermal", "coretemp", "k10temp", "soc_thermal"):
+        if sensors.get(name):
+            return float(sensors[name][0].current)
+    for entries in sensors.values():
+        if entries:
+            return float(entries[0].current)
+    return None
+
+
+def read_system(samples: int) -> Telemetry:
+    """The machine's own readings right now."""
+    battery = None
+    read_battery = getattr(psutil, "sensors_battery", None)
+    if read_battery is not None:
+        try:
+            battery = read_battery()
+        except (OSError, RuntimeError):
+            battery = None
+    return Telemetry(
+        cpu_percent=float(psutil.cpu_percent(interval=None)),
+        mem_available_mb=psutil.virtual_memory().available / 2**20,
+        samples=samples,
+        battery_percent=float(battery.percent) if battery is not None else None,
+        charging=bool(battery.power_plugged) if battery is not None else None,
+        temperature_c=_cpu_temperature(),
+    )
+
+
+def capabilities() -> dict[str, object]:
+    """Static facts for the birth certificate."""
+    import platform
+
+    return {
+        "cpu_count": psutil.cpu_count() or 1,
+        "mem_total_mb": round(psutil.virtual_memory().total / 2**20),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }

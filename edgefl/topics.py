@@ -1,0 +1,80 @@
+"""The MQTT topic namespace of ARCHITECTURE.md, in one place.
+
+edgefl/{fleet}/devices/{id}/status      device -> all         QoS 1, retained (birth, Will)
+edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0
+edgefl/{fleet}/devices/{id}/task        aggregator -> device  QoS 1
+edgefl/{fleet}/devices/{id}/update      device -> aggregator  QoS 1
+edgefl/{fleet}/model/global             aggregator -> devices QoS 1, retained
+edgefl/{fleet}/model/onnx               aggregator -> devices QoS 1, retained
+edgefl/{fleet}/aggregator/status        aggregator -> all     QoS 1, retained
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgefl.config import NAME_RE, check_name
+
+DEVICE_KINDS = ("status", "telemetry", "task", "update")
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_name("fleet", self.fleet)
+
+    @property
+    def root(self) -> str:
+        return f"edgefl/{self.fleet}"
+
+    def device(self, device_id: str, kind: str) -> str:
+        check_name("device id", device_id)
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device topic kind {kind!r}")
+        return f"{self.root}/devices/{device_id}/{kind}"
+
+    def status(self, device_id: str) -> str:
+        return self.device(device_id, "status")
+
+    def telemetry(self, device_id: str) -> str:
+        return self.device(device_id, "telemetry")
+
+    def task(self, device_id: str) -> str:
+        return self.device(device_id, "task")
+
+    def update(self, device_id: str) -> str:
+        return self.device(device_id, "update")
+
+    def all_devices(self, kind: str) -> str:
+        """Subscription filter for one kind of message from every device."""
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device topic kind {kind!r}")
+        return f"{self.root}/devices/+/{kind}"
+
+    @property
+    def model_global(self) -> str:
+        return f"{self.root}/model/global"
+
+    @property
+    def model_onnx(self) -> str:
+        return f"{self.root}/model/onnx"
+
+    @property
+    def aggregator_status(self) -> str:
+        return f"{self.root}/aggregator/status"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
+        """``(device_id, kind)`` for a device topic of this fleet, else None (never raises)."""
+        parts = topic.split("/")
+        if (
+            len(parts) != 5
+            or parts[0] != "edgefl"
+            or parts[1] != self.fleet
+            or parts[2] != "devices"
+            or parts[4] not in DEVICE_KINDS
+            or not NAME_RE.match(parts[3])
+        ):
+            return None
+        return parts[3], parts[4]

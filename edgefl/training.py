@@ -1,0 +1,84 @@
+"""Local training and evaluation: one short loop each, the same on a device and in a benchmark."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgefl.data import Dataset
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the last epoch
+    accuracy: float  # training accuracy over the last epoch
+    steps: int
+    samples_seen: int
+    seconds: float  # wall time of the loop
+    cpu_seconds: float  # CPU time of the training thread
+
+
+def train_local(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    max_steps: int = 0,
+) -> TrainResult:
+    """Plain minibatch SGD on cross-entropy, reshuffling every epoch."""
+    start, cpu_start = time.perf_counter(), time.thread_time()
+    X = torch.from_numpy(data.X)
+    y = torch.from_numpy(data.y)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    steps = seen = 0
+    loss_sum = correct = count = 0.0
+    for _epoch in range(epochs):
+        loss_sum = correct = count = 0.0
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb = X[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            count += len(idx)
+            if max_steps and steps >= max_steps:
+                break
+        if max_steps and steps >= max_steps:
+            break
+    return TrainResult(
+        loss=loss_sum / max(count, 1),
+        accuracy=correct / max(count, 1),
+        steps=steps,
+        samples_seen=seen,
+        seconds=time.perf_counter() - start,
+        cpu_seconds=time.thread_time() - cpu_start,
+    )
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    model.eval()
+    return model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+
+
+def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
+    """(loss, accuracy) on ``data``."""
+    logits = predict_logits(model, data.X)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.y)).item()
+    return float(loss), float((logits.argmax(1) == data.y).mean())
