@@ -29,6 +29,8 @@ class RoundResult:
     samples: int
     closed_by: str  # "all_reported" | "deadline" | "no_one_left"
     uplink_bytes: int
+    last_update_s: float = 0.0
+    opened_at: float = 0.0
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -46,6 +48,8 @@ class Round:
         self.participants = list(participants)
         self.deadline = deadline  # unix time
         self.opened_at = time.time()
+        self._opened = time.perf_counter()
+        self.last_update_s = 0.0  # from opening to the last accepted update
         self.sum = WeightedSum(spec)
         self.accepted: dict[str, dict[str, float]] = {}
         self.samples = 0
@@ -65,6 +69,7 @@ class Round:
             self.accepted[update.device_id] = update.metrics
             self.samples += update.num_samples
             self.uplink_bytes += payload_bytes
+            self.last_update_s = time.perf_counter() - self._opened
             self.changed.notify_all()
 
     def count_rejection(self, reason: str) -> None:
@@ -109,5 +114,7 @@ class Round:
                 samples=self.samples,
                 closed_by=closed_by,
                 uplink_bytes=self.uplink_bytes,
+                last_update_s=self.last_update_s,
+                opened_at=self.opened_at,
                 rejected=Counter(self.rejected),
             )

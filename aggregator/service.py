@@ -70,6 +70,13 @@ class RoundMetrics:
     uplink_bytes: int
     downlink_bytes: int
     samples: int
+    # where the time went: opening to the last accepted update, and closing (optimiser,
+    # evaluation, publishing the model, checkpoint)
+    last_update_s: float = 0.0
+    close_s: float = 0.0
+    # union of the devices' training intervals: the time at least one device was computing
+    compute_span_s: float = 0.0
+    timeline: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
@@ -201,6 +208,7 @@ class Aggregator:
         self._publish_status(force=True)
 
         closed_by = rnd.wait(self.registry.is_online)
+        self._closing_at = time.perf_counter()
         with self._round_lock:
             self._round = None
         result = rnd.result(closed_by)
@@ -256,11 +264,19 @@ class Aggregator:
             uplink_bytes=result.uplink_bytes,
             downlink_bytes=downlink,
             samples=result.samples,
+            last_update_s=result.last_update_s,
+            compute_span_s=_union_length(
+                [(m["t_start"], m["t_end"]) for m in result.accepted.values() if "t_end" in m]
+            ),
+            timeline=_timeline(result),
             rejected=dict(result.rejected),
             missing=missing,
         )
         self.history.append(metrics)
         self._checkpoint()
+        metrics.close_s = time.perf_counter() - self._closing_at
+        metrics.wall_s = time.perf_counter() - started
+        metrics.coordination_s = metrics.wall_s - metrics.train_s_max
         with (self.state_dir / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(asdict(metrics)) + "\n")
         log.info(
@@ -287,6 +303,7 @@ class Aggregator:
         self.link.publish(self.topics.model_global, payload, qos=1, retain=True)
 
     _model_bytes = 0
+    _closing_at = 0.0
 
     def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
         rnd = self._round
@@ -520,6 +537,27 @@ class Aggregator:
             "rollout_s": took,
             "device_accuracy_mean": float(np.mean(accs)) if accs else None,
         }
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _timeline(result: RoundResult) -> dict[str, float]:
+    """When, after the round opened, tasks arrived and training started and ended (seconds)."""
+    out: dict[str, float] = {}
+    for key in ("t_task", "t_start", "t_end"):
+        times = [m[key] - result.opened_at for m in result.accepted.values() if key in m]
+        if times:
+            out[f"{key[2:]}_first"] = min(times)
+            out[f"{key[2:]}_last"] = max(times)
+    return out
 
 
 def _serving_all(version: int):

@@ -85,6 +85,7 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._pending: Task | None = None  # waits for the model version it builds on
         self._seen_rounds: set[int] = set()
+        self._received_at = 0.0
         self._busy = threading.Event()
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.id}")
@@ -222,6 +223,7 @@ class DeviceAgent:
             log.warning("%s: ignored task: %s", self.id, e)
             return
         self.stats.tasks_received += 1
+        self._received_at = time.time()
         with self._lock:
             if task.round in self._seen_rounds:
                 return  # QoS 1 may deliver twice
@@ -260,6 +262,7 @@ class DeviceAgent:
         if base is None or base.version != task.base_version:
             return
         self._busy.set()
+        started_at = time.time()
         try:
             set_weights(self.model, base.weights)
             seed = int.from_bytes(hashlib.sha256(f"{self.id}/{task.round}".encode()).digest()[:4])
@@ -288,6 +291,10 @@ class DeviceAgent:
                     "cpu_s": result.cpu_seconds,
                     "steps": float(result.steps),
                     "samples_seen": float(result.samples_seen),
+                    # unix times, for the round's timeline (on one machine, one clock)
+                    "t_task": self._received_at,
+                    "t_start": started_at,
+                    "t_end": started_at + result.seconds,
                 },
             )
             payload = encode_update(update, codec)

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections import Counter
@@ -45,6 +47,16 @@ class Will:
 def _kind(topic: str) -> str:
     """The last level of a topic ("update", "task", "global" ...), for byte accounting."""
     return topic.rsplit("/", 1)[-1]
+
+
+def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
+    # paho leaves Nagle's algorithm on; small packets (PUBACKs, tasks) would then wait up to
+    # 40 ms for the peer's delayed ACK
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif hasattr(sock, "setsockopt"):  # an SSL socket wraps a TCP one
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttLink:
@@ -89,6 +101,7 @@ class MqttLink:
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)  # queue without bound while offline; QoS 1 must not be lost
+        c.on_socket_open = _no_delay
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         self._client = c
