@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,7 +85,9 @@ class DeviceAgent:
         self.stats = AgentStats()
         self._lock = threading.Lock()
         self._pending: Task | None = None  # waits for the model version it builds on
-        self._seen_rounds: set[int] = set()
+        # recent tasks, to drop QoS 1 redeliveries; (round, issued) also tells a reset
+        # aggregator's new round 1 from the old one
+        self._seen_tasks: deque[tuple[int, float]] = deque(maxlen=64)
         self._received_at = 0.0
         self._busy = threading.Event()
         self._own_executor = executor is None
@@ -203,8 +206,12 @@ class DeviceAgent:
             log.warning("%s: ignored global model: %s", self.id, e)
             return
         with self._lock:
-            if msg.version <= self.model_version:
-                return  # a retained copy of what we hold already
+            # Equal: a retained copy of what we hold (re-sent on every resubscribe). Any other
+            # version replaces ours, lower ones included: an aggregator that was reset starts
+            # counting again, and per topic the broker delivers in order, so an older model
+            # cannot overtake a newer one.
+            if msg.version == self.model_version:
+                return
             self.global_model = msg
             pending = self._pending
             if pending is not None and pending.base_version == msg.version:
@@ -225,19 +232,15 @@ class DeviceAgent:
         self.stats.tasks_received += 1
         self._received_at = time.time()
         with self._lock:
-            if task.round in self._seen_rounds:
+            key = (task.round, task.issued)
+            if key in self._seen_tasks:
                 return  # QoS 1 may deliver twice
             if time.time() > task.deadline:
                 log.info("%s: task for round %d arrived after its deadline", self.id, task.round)
                 return
-            self._seen_rounds.add(task.round)
-            if task.base_version > self.model_version:
+            self._seen_tasks.append(key)
+            if task.base_version != self.model_version:
                 self._pending = task  # the model it builds on is on its way
-                return
-            if task.base_version < self.model_version:
-                log.info(
-                    "%s: task for round %d builds on an old model; skipped", self.id, task.round
-                )
                 return
         self._submit(task)
 
