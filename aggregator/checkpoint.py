@@ -1,13 +1,21 @@
-"""Atomic checkpoints of the aggregator's state, in MessagePack (no pickle, even on our own disk).
+"""Checkpoints of the aggregator's state, in MessagePack (no pickle, even on our own disk).
 
-A checkpoint is written to a temporary file, flushed to disk, then renamed over the previous one,
-so a crash at any moment leaves either the old checkpoint or the new one, never half of one.
+Each save writes a new file and renames it over the current checkpoint, after moving the current
+one aside as ``.prev``; a SHA-256 footer lets the loader tell a whole file from a torn one.
+
+- A crashed or killed process (``kill -9``) never leaves half a checkpoint: renames are atomic,
+  and what was written reaches the disk with the page cache even though the process is gone.
+- A power cut may lose writes the disk had not flushed. The flush (fsync) runs in the background
+  right after each save, so it does not hold up the round; if the newest file did not make it,
+  the loader falls back to ``.prev``, which was flushed a round earlier.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +23,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 ARRAY_TAG = "__ndarray__"
+DIGEST = 32
 
 
 def _pack(obj: Any) -> Any:
@@ -39,42 +50,80 @@ def _pack(obj: Any) -> Any:
 def _unpack(obj: Any) -> Any:
     if isinstance(obj, dict):
         if obj.get(ARRAY_TAG) is True:
-            return (
-                np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"]))
-                .reshape(obj["shape"])
-                .copy()
-            )
+            arr = np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"]))
+            return arr.reshape(obj["shape"]).copy()
         return {k: _unpack(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_unpack(v) for v in obj]
     return obj
 
 
-def save(path: str | Path, state: Mapping[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = msgpack.packb(_pack(state), use_bin_type=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # the rename itself must reach the disk too
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
-def load(path: str | Path) -> dict[str, Any] | None:
-    path = Path(path)
-    if not path.exists():
+class Checkpointer:
+    """Saves and loads one checkpoint file (plus its ``.prev``)."""
+
+    def __init__(self, path: str | Path, background_flush: bool = True) -> None:
+        self.path = Path(path)
+        self.prev = self.path.with_name(self.path.name + ".prev")
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._background = background_flush
+        self._flusher: threading.Thread | None = None
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        body = msgpack.packb(_pack(state), use_bin_type=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wait_flushed()  # never move a file aside that is not yet on the disk
+        with self._tmp.open("wb") as f:
+            f.write(body)
+            f.write(hashlib.sha256(body).digest())
+        if self.path.exists():
+            os.replace(self.path, self.prev)
+        os.replace(self._tmp, self.path)
+        if self._background:
+            self._flusher = threading.Thread(target=self._flush, name="checkpoint-flush")
+            self._flusher.start()
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            _fsync(self.path)
+            _fsync(self.path.parent)
+        except OSError as e:  # the next save tries again; the loader has .prev
+            log.warning("could not flush checkpoint %s: %s", self.path, e)
+
+    def wait_flushed(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+
+    def load(self) -> dict[str, Any] | None:
+        """The newest whole checkpoint, or None if there is none."""
+        for path in (self.path, self.prev):
+            state = self._read(path)
+            if state is not None:
+                if path == self.prev:
+                    log.warning(
+                        "checkpoint %s is torn or missing; resuming from %s", self.path, path
+                    )
+                return state
         return None
-    with path.open("rb") as f:
-        return _unpack(msgpack.unpackb(f.read(), raw=False, strict_map_key=False))
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        body, digest = data[:-DIGEST], data[-DIGEST:]
+        if len(data) <= DIGEST or hashlib.sha256(body).digest() != digest:
+            log.warning("checkpoint %s fails its checksum; ignored", path)
+            return None
+        return _unpack(msgpack.unpackb(body, raw=False, strict_map_key=False))

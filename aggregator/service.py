@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import checkpoint
+from aggregator.checkpoint import Checkpointer
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
 from edgefl.compression import WireError, make_codec
@@ -101,6 +101,7 @@ class Aggregator:
         self.registry = DeviceRegistry()
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(self.state_dir / CHECKPOINT)
         if eval_data is None and cfg.eval_data:
             eval_data = load_npz(
                 cfg.eval_data,
@@ -245,10 +246,8 @@ class Aggregator:
         if self.eval_data is not None:
             loss, acc = evaluate(self.model, self.eval_data)
         self.next_round = result.number + 1
-        if applied:
-            self._publish_model()
         train_s = [m.get("train_s", 0.0) for m in result.accepted.values()]
-        wall = time.perf_counter() - started
+        wall = time.perf_counter() - started  # provisional; final at the end
         metrics = RoundMetrics(
             round=result.number,
             model_version=self.version,
@@ -273,7 +272,15 @@ class Aggregator:
             missing=missing,
         )
         self.history.append(metrics)
+        # checkpoint first, publish second: a crash in between must not leave devices holding
+        # a model that a restarted aggregator knows nothing of
         self._checkpoint()
+        if applied:
+            self._publish_model()
+        self._publish_status(force=True, accuracy=acc)
+        if self.on_round is not None:
+            self.on_round(metrics)
+        # everything up to here counts towards the round's time
         metrics.close_s = time.perf_counter() - self._closing_at
         metrics.wall_s = time.perf_counter() - started
         metrics.coordination_s = metrics.wall_s - metrics.train_s_max
@@ -286,12 +293,9 @@ class Aggregator:
             metrics.participants,
             metrics.closed_by,
             "-" if acc is None else f"{acc:.4f}",
-            wall,
+            metrics.wall_s,
             metrics.train_s_max,
         )
-        self._publish_status(force=True, accuracy=acc)
-        if self.on_round is not None:
-            self.on_round(metrics)
         return metrics
 
     # -- publishing -------------------------------------------------------------------------------
@@ -424,8 +428,7 @@ class Aggregator:
     # -- checkpoints and export ----------------------------------------------------------------
 
     def _checkpoint(self) -> None:
-        checkpoint.save(
-            self.state_dir / CHECKPOINT,
+        self.checkpointer.save(
             {
                 "model": self.cfg.model.name,
                 "version": self.version,
@@ -438,7 +441,7 @@ class Aggregator:
         )
 
     def _resume(self) -> None:
-        state = checkpoint.load(self.state_dir / CHECKPOINT)
+        state = self.checkpointer.load()
         if state is None:
             return
         if state.get("model") != self.cfg.model.name:

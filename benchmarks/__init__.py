@@ -1,0 +1,1 @@
+"""Benchmarks of BENCHMARKS.md; each runs with `python -m benchmarks.<name>`."""
