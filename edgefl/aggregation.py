@@ -25,6 +25,10 @@ class WeightedSum:
         if set(delta) != set(self._sum):
             raise ValueError("delta tensors do not match the model")
         for k, acc in self._sum.items():
+            # numpy would broadcast a (1,)-shaped delta over the whole tensor without a word
+            if np.shape(delta[k]) != acc.shape:
+                raise ValueError(f"delta {k!r} has shape {np.shape(delta[k])}, not {acc.shape}")
+        for k, acc in self._sum.items():
             acc += weight * delta[k]
         self.weight += weight
         self.count += 1
@@ -48,6 +52,7 @@ class WeightedSum:
         sums = state["sum"]
         assert isinstance(sums, Mapping)
         for k in self._sum:
-            self._sum[k] = np.asarray(sums[k], dtype=np.float64).reshape(self._sum[k].shape)
+            # a copy: sharing the array would make two sums add into one buffer
+            self._sum[k] = np.array(sums[k], dtype=np.float64).reshape(self._sum[k].shape)
         self.weight = float(state["weight"])  # type: ignore[arg-type]
         self.count = int(state["count"])  # type: ignore[call-overload]

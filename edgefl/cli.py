@@ -156,6 +156,39 @@ def cmd_broker(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Create device accounts on a deployment's broker and the config file for each device."""
+    from broker.serve import enroll
+    from edgefl.config import BrokerConfig, to_dict, to_toml
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for device_id in args.device_ids:
+        account = enroll(args.dir, device_id)
+        cfg = DeviceConfig(
+            fleet=args.fleet,
+            device_id=device_id,
+            broker=BrokerConfig(
+                host=args.host,
+                port=args.port,
+                username=account.username,
+                password=account.password,
+                tls_ca=args.tls_ca,
+            ),
+            data=args.data,
+            state_dir="/var/lib/edgefl/device",
+        )
+        path = out / f"{device_id}.toml"
+        path.write_text(
+            f"# edgefl device configuration for {device_id}; holds its broker password.\n"
+            f"# Copy it to the device as /etc/edgefl/device.toml (mode 0640, root:edgefl).\n"
+            + to_toml(to_dict(cfg))
+        )
+        path.chmod(0o600)
+        print(f"enrolled {device_id}: {path}")
+    return 0
+
+
 # -- edgefl demo ------------------------------------------------------------------------------
 
 
@@ -209,6 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tls-key")
     b.add_argument("--tls-port", type=int, default=8883)
     b.set_defaults(func=cmd_broker)
+
+    e = sub.add_parser("enroll", help="create device accounts and their config files")
+    e.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    e.add_argument(
+        "--dir", default="broker-data", help="the broker's directory (edgefl broker --dir)"
+    )
+    e.add_argument("--fleet", default="demo")
+    e.add_argument("--host", required=True, help="the broker's address as the devices see it")
+    e.add_argument("--port", type=int, default=1883)
+    e.add_argument("--tls-ca", help="CA certificate path on the device (turns TLS on)")
+    e.add_argument(
+        "--data", default="/var/lib/edgefl/data.npz", help="local data path on the device"
+    )
+    e.add_argument("--out", default="enrolled", help="where to write the device config files")
+    e.set_defaults(func=cmd_enroll)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml")

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "dev\n" through
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}\Z")
 
 
 class ConfigError(ValueError):
@@ -271,6 +272,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        # TOML basic strings may not hold control characters (tab aside) unescaped
+        escaped = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m[0]):04x}", escaped)
         return f'"{escaped}"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"

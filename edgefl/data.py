@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,13 @@ def load_npz(path: str | Path, features: int | None = None, classes: int | None 
     if not path.exists():
         raise FileNotFoundError(f"local data file {path} does not exist")
     # allow_pickle=False: an .npz may hold pickled objects, which would run code on load
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{path}: not an .npz archive holding arrays X and y")
+    with loaded as z:
         missing = {"X", "y"} - set(z.files)
         if missing:
             raise ValueError(f"{path}: missing arrays {sorted(missing)} (need X and y)")

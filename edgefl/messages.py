@@ -58,7 +58,10 @@ def _count(d: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = 2**
 def _number(
     d: Mapping[str, Any], key: str, what: str, lo: float = -math.inf, hi: float = math.inf
 ) -> float:
-    value = float(_get(d, key, (int, float), what))
+    try:
+        value = float(_get(d, key, (int, float), what))
+    except OverflowError:  # a JSON integer too large for a float
+        value = math.inf
     if not math.isfinite(value) or not lo <= value <= hi:
         raise WireError("malformed", f"{what}: {key!r} = {value} is not finite or out of range")
     return value
@@ -94,22 +97,35 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise WireError("malformed", f"MessagePack extension type {code} is not allowed")
 
 
+def _refuse_timestamp(container: Any) -> Any:
+    # msgpack decodes extension type -1 (Timestamp) itself, without calling ext_hook
+    items = container.values() if isinstance(container, dict) else container
+    if any(isinstance(x, msgpack.Timestamp) for x in items):
+        raise WireError("malformed", "MessagePack extension type -1 is not allowed")
+    return container
+
+
 def _unpack_any(payload: bytes, max_bytes: int) -> Any:
     if not isinstance(payload, (bytes, bytearray)):
         raise WireError("malformed", "payload is not bytes")
     if len(payload) > max_bytes:
         raise WireError("too_large", f"{len(payload)} bytes, the limit is {max_bytes}")
     try:
-        return msgpack.unpackb(
+        obj = msgpack.unpackb(
             payload,
             raw=False,
             strict_map_key=True,
             ext_hook=_refuse_ext,
+            object_hook=_refuse_timestamp,
+            list_hook=_refuse_timestamp,
         )
     except WireError:
         raise
     except Exception as e:  # msgpack raises several types for truncated or invalid input
         raise WireError("malformed", f"not a MessagePack document ({type(e).__name__})") from None
+    if isinstance(obj, msgpack.Timestamp):
+        raise WireError("malformed", "MessagePack extension type -1 is not allowed")
+    return obj
 
 
 def unpack(payload: bytes, max_bytes: int) -> dict[str, Any]:
@@ -120,11 +136,16 @@ def unpack(payload: bytes, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
+def _codec_spec(spec: Any) -> dict[str, Any]:
+    """The codec spec as a map, once make_codec has accepted it (it also takes a bare name)."""
+    return {"name": spec} if isinstance(spec, str) else dict(spec)
+
+
 def _check_header(obj: Mapping[str, Any], fmt: str) -> None:
     if obj.get("fmt") != fmt:
         raise WireError("malformed", f"not an {fmt} message (fmt={obj.get('fmt')!r})")
     version = obj.get("v")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
         raise WireError("version", f"format version {version!r}, this build reads {FORMAT_VERSION}")
 
 
@@ -196,7 +217,7 @@ def decode_update(
     codec_spec = obj.get("codec")
     codec = make_codec(codec_spec)
     delta = codec.decode(obj.get("tensors"), spec)
-    return Update(device_id, rnd, base, n, delta, metrics, dict(codec_spec))
+    return Update(device_id, rnd, base, n, delta, metrics, _codec_spec(codec_spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +344,7 @@ def _load_json(payload: bytes, what: str) -> dict[str, Any]:
         raise WireError("too_large", f"{what} of {len(payload)} bytes")
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         raise WireError("malformed", f"{what} is not JSON") from None
     if not isinstance(obj, dict):
         raise WireError("malformed", f"{what} is not a JSON object")
@@ -365,7 +386,7 @@ class Task:
             epochs=_count(obj, "epochs", what, 0, 1000),
             batch_size=_count(obj, "batch_size", what, 1, 1 << 16),
             lr=_number(obj, "lr", what, 0.0, 100.0),
-            codec=dict(codec),
+            codec=_codec_spec(codec),
             deadline=_number(obj, "deadline", what, 0.0),
             max_steps=_count(obj, "max_steps", what, 0, 10_000_000) if "max_steps" in obj else 0,
             issued=_number(obj, "issued", what, 0.0),
