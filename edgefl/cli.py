@@ -113,7 +113,12 @@ def cmd_device(args: argparse.Namespace) -> int:
     # one executor for all agents of this process: each agent trains when its task comes, and
     # they may all be asked at once
     executor = ThreadPoolExecutor(min(len(configs), 64), thread_name_prefix="train")
-    agents = [DeviceAgent(c, executor=executor) for c in configs]
+    try:
+        agents = [DeviceAgent(c, executor=executor) for c in configs]
+    except (FileNotFoundError, ValueError) as e:
+        # bad or missing local data: a restart would not fix it (systemd does not retry exit 2)
+        print(f"edgefl device: {e}", file=sys.stderr)
+        return 2
     for agent in agents:
         agent.start(wait=False)
     log.info("%d device agent(s) started", len(agents))
