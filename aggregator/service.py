@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import resource
 import threading
 import time
@@ -26,22 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from aggregator import deploy
+from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
-from edgefl.compression import WireError, make_codec
+from aggregator.scheduler import Scheduler
+from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     AggregatorStatus,
-    GlobalModel,
-    OnnxModel,
     Status,
-    Task,
     Telemetry,
     decode_update,
-    encode_model,
-    encode_onnx,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
@@ -99,6 +96,7 @@ class Aggregator:
         self.next_round = 1
         self.strategy = make_strategy(cfg.strategy)
         self.registry = DeviceRegistry()
+        self.scheduler = Scheduler(cfg, self.registry)
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(self.state_dir / CHECKPOINT)
@@ -124,6 +122,8 @@ class Aggregator:
             on_connect=self._on_connect,
             max_inflight=1000,
         )
+        self.broadcast = ModelBroadcast(self.link, self.topics, cfg.model.name)
+        self.rollout = deploy.Rollout(self.link, self.topics, self.registry, cfg.model.name)
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
         self.link.subscribe(self.topics.all_devices("update"), self._on_update)
@@ -169,43 +169,23 @@ class Aggregator:
 
     # -- a round --------------------------------------------------------------------------------
 
-    def select(self, number: int) -> list[str]:
-        rc = self.cfg.rounds
-        eligible = [r.device_id for r in self.registry.online(rc.telemetry_max_age_s)]
-        if rc.participants and len(eligible) > rc.participants:
-            eligible = sorted(
-                random.Random(self.cfg.seed * 100_003 + number).sample(eligible, rc.participants)
-            )
-        return eligible
-
     def run_round(self) -> RoundMetrics | None:
         number = self.next_round
-        participants = self.select(number)
-        if not participants:
-            log.warning("round %d: no eligible device online; waiting", number)
-            self.registry.wait_for(lambda _records: bool(self.select(number)), 5.0)
-            return None
         started = time.perf_counter()
-        rc = self.cfg.rounds
-        rnd = Round(number, self.version, participants, time.time() + rc.deadline_s, self.spec)
+        plan = self.scheduler.plan(number, self.version)
+        if plan is None:
+            log.warning("round %d: no eligible device online; waiting", number)
+            self.registry.wait_for(lambda _records: bool(self.scheduler.eligible()), 5.0)
+            return None
+        rnd = Round(number, self.version, plan.participants, plan.deadline, self.spec)
         with self._round_lock:
             self._round = rnd
-        self.registry.on_assigned(participants)
-        codec = make_codec(self.cfg.codec.name)
-        task = Task(
-            round=number,
-            base_version=self.version,
-            epochs=self.cfg.train.epochs,
-            batch_size=self.cfg.train.batch_size,
-            lr=self.cfg.train.lr,
-            codec=codec.spec(),
-            deadline=rnd.deadline,
-        )
+        self.registry.on_assigned(plan.participants)
         downlink = 0
-        payload = task.to_payload()
-        for device_id in participants:
+        for device_id, task in plan.tasks.items():
+            payload = task.to_payload()
             self.link.publish(self.topics.task(device_id), payload, qos=1)
-            downlink += len(payload) + self._model_bytes
+            downlink += len(payload) + self.broadcast.bytes_per_device
         self._publish_status(force=True)
 
         closed_by = rnd.wait(self.registry.is_online)
@@ -301,12 +281,8 @@ class Aggregator:
     # -- publishing -------------------------------------------------------------------------------
 
     def _publish_model(self) -> None:
-        msg = GlobalModel(self.version, self.next_round - 1, self.cfg.model.name, self.weights)
-        payload = encode_model(msg, make_codec("dense_fp32"))
-        self._model_bytes = len(payload)
-        self.link.publish(self.topics.model_global, payload, qos=1, retain=True)
+        self.broadcast.publish(self.weights, self.version, self.next_round - 1)
 
-    _model_bytes = 0
     _closing_at = 0.0
 
     def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
@@ -461,85 +437,20 @@ class Aggregator:
 
     def export(self, name: str = "model") -> dict[str, Any]:
         """Export the current model to ONNX in the state dir and check it against PyTorch."""
-        from edgefl.onnx_export import export_onnx, parity
-
-        acc = self.history[-1].accuracy if self.history else None
-        metadata = {
-            "edgefl_model": self.cfg.model.name,
-            "model_version": self.version,
-            "round": self.next_round - 1,
-            "input_shape": json.dumps(list(self.info.input_shape)),
-            "labels": json.dumps(list(range(self.info.num_classes))),
-            "accuracy": "" if acc is None else f"{acc:.6f}",
-        }
-        path = export_onnx(
+        return deploy.export(
             self.model,
-            self.state_dir / "models" / f"{name}-v{self.version}.onnx",
-            self.info.input_shape,
-            metadata,
+            self.info,
+            self.state_dir / "models",
+            version=self.version,
+            round_=self.next_round - 1,
+            accuracy=self.history[-1].accuracy if self.history else None,
+            check_X=self.eval_data.X if self.eval_data is not None else None,
+            name=name,
         )
-        check = (
-            self.eval_data.X
-            if self.eval_data is not None
-            else np.random.default_rng(0).random((256, *self.info.input_shape), dtype=np.float32)
-        )
-        diff = parity(path, self.model, check)
-        log.info(
-            "exported %s (%d bytes); parity with PyTorch: max |diff| = %.3g",
-            path,
-            path.stat().st_size,
-            diff,
-        )
-        return {
-            "path": str(path),
-            "bytes": path.stat().st_size,
-            "parity_max_abs": diff,
-            "version": self.version,
-            "metadata": metadata,
-        }
 
     def deploy(self, exported: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
-        """Publish an exported model on model/onnx (retained) and wait until every online device
-        reports serving it. Devices that are offline get it from the retained message later."""
-        msg = OnnxModel(
-            version=exported["version"],
-            round=self.next_round - 1,
-            model=self.cfg.model.name,
-            body=Path(exported["path"]).read_bytes(),
-            metadata={k: str(v) for k, v in exported["metadata"].items()},
-        )
-        payload = encode_onnx(msg)
-        started = time.perf_counter()
-        self.link.publish(self.topics.model_onnx, payload, qos=1, retain=True)
-        done = self.registry.wait_for(_serving_all(msg.version), timeout_s)
-        took = time.perf_counter() - started
-        online = self.registry.online()
-        serving = [r for r in online if r.serving == msg.version]
-        accs = [r.serving_accuracy for r in serving if r.serving_accuracy is not None]
-        if done:
-            log.info(
-                "ONNX v%d served by all %d online devices after %.3f s",
-                msg.version,
-                len(online),
-                took,
-            )
-        else:
-            log.warning(
-                "ONNX v%d served by %d of %d online devices after %.0f s",
-                msg.version,
-                len(serving),
-                len(online),
-                timeout_s,
-            )
-        return {
-            "version": msg.version,
-            "bytes": len(payload),
-            "sha256": msg.sha256,
-            "devices_online": len(online),
-            "devices_serving": len(serving),
-            "rollout_s": took,
-            "device_accuracy_mean": float(np.mean(accs)) if accs else None,
-        }
+        """Roll an exported model out to the fleet; see aggregator/deploy.py."""
+        return self.rollout.publish(exported, self.next_round - 1, timeout_s)
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -561,14 +472,6 @@ def _timeline(result: RoundResult) -> dict[str, float]:
             out[f"{key[2:]}_first"] = min(times)
             out[f"{key[2:]}_last"] = max(times)
     return out
-
-
-def _serving_all(version: int):
-    def check(records) -> bool:
-        online = [r for r in records if r.online]
-        return bool(online) and all(r.serving == version for r in online)
-
-    return check
 
 
 def peak_rss_mb() -> float:

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from device import inference
+from device.updates import UpdateEncoder
 from edgefl import __version__
-from edgefl.compression import WireError, make_codec
+from edgefl.compression import WireError
 from edgefl.config import DeviceConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
@@ -34,10 +35,8 @@ from edgefl.messages import (
     Status,
     Task,
     Telemetry,
-    Update,
     decode_model,
     decode_onnx,
-    encode_update,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
@@ -101,6 +100,7 @@ class DeviceAgent:
             will=Will(self.topics.status(self.id), Status("offline").to_payload()),
             on_connect=self._on_connect,
         )
+        self.encoder = UpdateEncoder(self.id, cfg.state_dir)
         self.model_dir = Path(cfg.state_dir) / "models"
         self.server = inference.InferenceServer()
         self.serving_accuracy: float | None = None
@@ -278,16 +278,12 @@ class DeviceAgent:
                 seed=seed,
                 max_steps=task.max_steps,
             )
-            new = get_weights(self.model)
-            delta = {k: new[k] - base.weights[k] for k in new}
-            codec = make_codec(task.codec)
-            update = Update(
-                device_id=self.id,
-                round=task.round,
-                base_version=task.base_version,
-                num_samples=len(self.data),
-                delta=delta,
-                metrics={
+            payload = self.encoder.encode(
+                task,
+                base,
+                get_weights(self.model),
+                len(self.data),
+                {
                     "loss": result.loss,
                     "accuracy": result.accuracy,
                     "train_s": result.seconds,
@@ -300,7 +296,6 @@ class DeviceAgent:
                     "t_end": started_at + result.seconds,
                 },
             )
-            payload = encode_update(update, codec)
         finally:
             self._busy.clear()
         if time.time() > task.deadline:
