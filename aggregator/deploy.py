@@ -1,15 +1,27 @@
 """Exporting the global model to ONNX and rolling it out to the fleet.
 
-The export is checked against PyTorch before it goes anywhere. The rollout publishes the model
-retained on model/onnx with its SHA-256; each device verifies it, installs it atomically and
-reports the version it serves in its status, which is how the rollout knows it has landed.
-A device that was offline gets the retained model when it connects.
+Export: the model goes into the versioned store (aggregator/store.py) as fp32 ONNX, checked
+against PyTorch on held-out data, and as an int8 variant made with ONNX Runtime's quantisation.
+
+Rollout: the chosen file travels as a chunked blob (edgefl/chunking.py), each chunk retained,
+then a small manifest names it:
+
+- ``model/onnx`` (retained) is what the fleet serves;
+- ``model/onnx/canary`` (retained while a canary runs) names a candidate and the devices that
+  try it first. The candidate is promoted when every canary serves it and none lost more than
+  ``canary_margin`` of accuracy on its own data compared with the model it served before;
+  otherwise the canary manifest is cleared and the canaries go back to the fleet's model.
+
+Devices report the deployment they serve in their status; that is how a rollout knows it has
+landed. A device that was offline gets the retained manifest and chunks when it comes back.
+A rollback is a rollout of an older entry of the store, with a new deployment number.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +30,12 @@ import numpy as np
 from torch import nn
 
 from aggregator.registry import DeviceRecord, DeviceRegistry
-from edgefl.messages import OnnxModel, encode_onnx
+from aggregator.store import ModelStore, sha256_file
+from edgefl.chunking import CHUNK_OVERHEAD, Blob, chunk_topic, split
+from edgefl.compression import WireError
+from edgefl.config import AggregatorConfig, DeployConfig
+from edgefl.data import Dataset
+from edgefl.messages import Deployment, Status
 from edgefl.models import ModelInfo
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
@@ -29,16 +46,16 @@ log = logging.getLogger(__name__)
 def export(
     model: nn.Module,
     info: ModelInfo,
-    out_dir: Path,
+    store: ModelStore,
     *,
     version: int,
     round_: int,
     accuracy: float | None,
-    check_X: np.ndarray | None,
-    name: str = "model",
+    eval_data: Dataset | None,
+    int8: bool = True,
 ) -> dict[str, Any]:
-    """Write ``model`` as ONNX into ``out_dir`` and measure its parity with PyTorch."""
-    from edgefl.onnx_export import export_onnx, parity
+    """Export ``model`` into the store as fp32 (and int8) ONNX and check it against PyTorch."""
+    from edgefl.onnx_export import export_onnx, onnx_logits, parity, quantize_int8
 
     metadata = {
         "edgefl_model": info.name,
@@ -48,76 +65,284 @@ def export(
         "labels": json.dumps(list(range(info.num_classes))),
         "accuracy": "" if accuracy is None else f"{accuracy:.6f}",
     }
-    path = export_onnx(model, out_dir / f"{name}-v{version}.onnx", info.input_shape, metadata)
-    if check_X is None:  # no held-out data: random inputs still catch a broken export
-        check_X = np.random.default_rng(0).random((256, *info.input_shape), dtype=np.float32)
-    diff = parity(path, model, check_X)
-    size = path.stat().st_size
-    log.info("exported %s (%d bytes); parity with PyTorch: max |diff| = %.3g", path, size, diff)
-    return {
-        "path": str(path),
-        "bytes": size,
-        "parity_max_abs": diff,
+    fp32 = export_onnx(model, store.file(version, "fp32"), info.input_shape, metadata)
+    check_X = (
+        eval_data.X
+        if eval_data is not None
+        # no held-out data: random inputs still catch a broken export
+        else np.random.default_rng(0).random((256, *info.input_shape), dtype=np.float32)
+    )
+    entry: dict[str, Any] = {
         "version": version,
-        "metadata": metadata,
+        "round": round_,
+        "metadata": {k: str(v) for k, v in metadata.items()},
+        "parity_max_abs": parity(fp32, model, check_X),
+        "variants": {"fp32": {"bytes": fp32.stat().st_size, "sha256": sha256_file(fp32)}},
     }
+    if int8:
+        q = quantize_int8(fp32, store.file(version, "int8"))
+        entry["variants"]["int8"] = {"bytes": q.stat().st_size, "sha256": sha256_file(q)}
+    if eval_data is not None:
+        for variant in entry["variants"]:
+            logits = onnx_logits(store.file(version, variant), eval_data.X)
+            entry["variants"][variant]["accuracy"] = float((logits.argmax(1) == eval_data.y).mean())
+    store.save_info(version, entry)
+    log.info(
+        "exported model v%d: fp32 %d bytes (parity with PyTorch %.2g)%s",
+        version,
+        entry["variants"]["fp32"]["bytes"],
+        entry["parity_max_abs"],
+        f", int8 {entry['variants']['int8']['bytes']} bytes" if int8 else "",
+    )
+    # the figures the command line and the demo report
+    entry["path"] = str(fp32)
+    entry["bytes"] = entry["variants"]["fp32"]["bytes"]
+    return entry
 
 
-def _serving_all(version: int):
+def _serving(seq: int, devices: list[str] | None = None):
+    """Predicate over the registry: the given devices (default: all online) serve ``seq``."""
+
     def check(records: list[DeviceRecord]) -> bool:
-        online = [r for r in records if r.online]
-        return bool(online) and all(r.serving == version for r in online)
+        pool = [r for r in records if r.online and (devices is None or r.device_id in devices)]
+        return bool(pool) and all(r.serving_seq == seq for r in pool)
 
     return check
 
 
 class Rollout:
     def __init__(
-        self, link: MqttLink, topics: Topics, registry: DeviceRegistry, model_name: str
+        self,
+        link: MqttLink,
+        topics: Topics,
+        registry: DeviceRegistry,
+        model_name: str,
+        store: ModelStore,
+        cfg: DeployConfig,
     ) -> None:
         self.link = link
         self.topics = topics
         self.registry = registry
         self.model_name = model_name
+        self.store = store
+        self.cfg = cfg
 
-    def publish(self, exported: dict[str, Any], round_: int, timeout_s: float = 60.0) -> dict:
-        """Publish an exported model (retained) and wait until every online device serves it."""
-        msg = OnnxModel(
-            version=exported["version"],
-            round=round_,
-            model=self.model_name,
-            body=Path(exported["path"]).read_bytes(),
-            metadata={k: str(v) for k, v in exported["metadata"].items()},
-        )
-        payload = encode_onnx(msg)
+    def _chunk_size(self) -> int:
+        size = self.cfg.chunk_bytes
+        limit = self.link.max_packet_size
+        if limit:  # leave room for the topic, the MQTT header and the chunk's own fields
+            size = min(size, limit - CHUNK_OVERHEAD - 512)
+        return max(1024, size)
+
+    def _upload(self, body: bytes) -> Blob:
+        blob, chunks = split(body, self._chunk_size())
+        infos = [
+            self.link.publish(chunk_topic(self.topics.model_onnx, blob, i), c, qos=1, retain=True)
+            for i, c in enumerate(chunks)
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=30)
+        return blob
+
+    def _clear_old_blobs(self, keep: set[str]) -> None:
+        """Delete the retained chunks of models no manifest names any more."""
+        cleared = set()
+        for d in self.store.deployments():
+            blob = d.get("blob")
+            if not blob or blob["sha256"] in keep or blob["sha256"] in cleared:
+                continue
+            b = Blob(**blob)
+            for i in range(b.count):
+                self.link.publish(chunk_topic(self.topics.model_onnx, b, i), b"", retain=True)
+            cleared.add(blob["sha256"])
+
+    def publish(
+        self,
+        version: int,
+        variant: str | None = None,
+        *,
+        canary_fraction: float | None = None,
+        kind: str = "rollout",
+    ) -> dict[str, Any]:
+        """Roll model ``version`` out (through canaries if configured); returns the figures."""
+        variant = variant or self.cfg.variant
+        entry = self.store.info(version)
+        path = self.store.file(version, variant)
+        if entry is None or not path.exists():
+            raise FileNotFoundError(f"model v{version} ({variant}) is not in {self.store.root}")
+        fraction = self.cfg.canary_fraction if canary_fraction is None else canary_fraction
         started = time.perf_counter()
-        self.link.publish(self.topics.model_onnx, payload, qos=1, retain=True)
-        done = self.registry.wait_for(_serving_all(msg.version), timeout_s)
+        blob = self._upload(path.read_bytes())
+
+        def manifest(seq: int, canaries: list[str]) -> Deployment:
+            return Deployment(
+                version=version,
+                round=int(entry.get("round", 0)),
+                model=self.model_name,
+                variant=variant,
+                sha256=blob.sha256,
+                size=blob.size,
+                chunk_size=blob.chunk_size,
+                chunks=blob.count,
+                seq=seq,
+                metadata=entry.get("metadata", {}),
+                canaries=canaries,
+            )
+
+        result: dict[str, Any] = {
+            "kind": kind,
+            "version": version,
+            "variant": variant,
+            "bytes": blob.size,
+            "chunks": blob.count,
+            "sha256": blob.sha256,
+        }
+        online = [r.device_id for r in self.registry.online()]
+        if fraction > 0 and len(online) > 1:
+            canaries = sorted(online)[: max(1, math.ceil(fraction * len(online)))]
+            verdict = self._canary(manifest(self.store.next_seq(), canaries), canaries)
+            result["canary"] = verdict
+            self.store.record(
+                {
+                    "seq": verdict["seq"],
+                    "version": version,
+                    "variant": variant,
+                    "kind": "canary",
+                    "promoted": False,
+                    "blob": vars(blob),
+                    "canaries": canaries,
+                    "healthy": verdict["healthy"],
+                }
+            )
+            if not verdict["healthy"]:
+                log.warning(
+                    "canary of model v%d failed: %s; not promoted", version, verdict["reason"]
+                )
+                result.update(promoted=False, rollout_s=time.perf_counter() - started)
+                return result
+
+        seq = self.store.next_seq()
+        self.link.publish(
+            self.topics.model_onnx, manifest(seq, []).to_payload(), qos=1, retain=True
+        ).wait_for_publish(timeout=10)
+        # the canaries now read the same model under the fleet's manifest; end the canary
+        self.link.publish(self.topics.model_onnx_canary, b"", qos=1, retain=True)
+        done = self.registry.wait_for(_serving(seq), self.cfg.rollout_timeout_s)
         took = time.perf_counter() - started
-        online = self.registry.online()
-        serving = [r for r in online if r.serving == msg.version]
+        online_now = self.registry.online()
+        serving = [r for r in online_now if r.serving_seq == seq]
         accs = [r.serving_accuracy for r in serving if r.serving_accuracy is not None]
+        self.store.record(
+            {
+                "seq": seq,
+                "version": version,
+                "variant": variant,
+                "kind": kind,
+                "promoted": True,
+                "blob": vars(blob),
+            }
+        )
+        self._clear_old_blobs(keep={blob.sha256})
         if done:
             log.info(
-                "ONNX v%d served by all %d online devices after %.3f s",
-                msg.version,
-                len(online),
+                "model v%d (%s) served by all %d online devices %.3f s after publishing",
+                version,
+                variant,
+                len(online_now),
                 took,
             )
         else:
             log.warning(
-                "ONNX v%d served by %d of %d online devices after %.0f s",
-                msg.version,
+                "model v%d served by %d of %d online devices after %.0f s",
+                version,
                 len(serving),
-                len(online),
-                timeout_s,
+                len(online_now),
+                self.cfg.rollout_timeout_s,
             )
-        return {
-            "version": msg.version,
-            "bytes": len(payload),
-            "sha256": msg.sha256,
-            "devices_online": len(online),
-            "devices_serving": len(serving),
-            "rollout_s": took,
-            "device_accuracy_mean": float(np.mean(accs)) if accs else None,
+        result.update(
+            promoted=True,
+            seq=seq,
+            devices_online=len(online_now),
+            devices_serving=len(serving),
+            rollout_s=took,
+            device_accuracy_mean=float(np.mean(accs)) if accs else None,
+        )
+        return result
+
+    def _canary(self, dep: Deployment, canaries: list[str]) -> dict[str, Any]:
+        self.link.publish(
+            self.topics.model_onnx_canary, dep.to_payload(), qos=1, retain=True
+        ).wait_for_publish(timeout=10)
+        loaded = self.registry.wait_for(_serving(dep.seq, canaries), self.cfg.canary_timeout_s)
+        records = {r.device_id: r for r in self.registry.online() if r.device_id in canaries}
+        drops = {
+            d: r.previous_accuracy - r.serving_accuracy
+            for d, r in records.items()
+            if r.serving_seq == dep.seq
+            and r.previous_accuracy is not None
+            and r.serving_accuracy is not None
         }
+        worst = max(drops.values(), default=0.0)
+        healthy = loaded and worst <= self.cfg.canary_margin
+        reason = (
+            ""
+            if healthy
+            else f"not every canary serves it after {self.cfg.canary_timeout_s:.0f} s"
+            if not loaded
+            else f"local accuracy fell by {worst:.3f} (margin {self.cfg.canary_margin})"
+        )
+        if not healthy:
+            # end the canary: the canaries go back to the fleet's model
+            self.link.publish(self.topics.model_onnx_canary, b"", qos=1, retain=True)
+        return {
+            "seq": dep.seq,
+            "devices": canaries,
+            "healthy": healthy,
+            "reason": reason,
+            "worst_accuracy_drop": worst,
+        }
+
+    def rollback(self, to_version: int | None = None, variant: str | None = None) -> dict:
+        """Serve an earlier model again: the previous one by default."""
+        if to_version is None:
+            prev = self.store.previous()
+            if prev is None:
+                raise RuntimeError("no earlier rollout to go back to")
+            to_version, variant = prev["version"], variant or prev["variant"]
+        return self.publish(to_version, variant, canary_fraction=0.0, kind="rollback")
+
+
+def store_for(state_dir: str | Path) -> ModelStore:
+    return ModelStore(Path(state_dir) / "models")
+
+
+def follow_statuses(link: MqttLink, topics: Topics, registry: DeviceRegistry) -> None:
+    """Feed the devices' retained statuses into ``registry`` (for a rollout run on its own)."""
+
+    def on_status(topic: str, payload: bytes) -> None:
+        parsed = topics.parse_device_topic(topic)
+        if parsed is None or not payload:
+            return
+        try:
+            registry.on_status(parsed[0], Status.from_payload(payload))
+        except WireError as e:
+            log.warning("ignored status from %s: %s", parsed[0], e)
+
+    link.subscribe(topics.all_devices("status"), on_status)
+
+
+def rollback_command(
+    cfg: AggregatorConfig, to_version: int | None, variant: str | None, settle_s: float = 1.0
+) -> dict[str, Any]:
+    """``edgefl rollback``: connect with the aggregator's account and serve an earlier model."""
+    registry = DeviceRegistry()
+    topics = Topics(cfg.fleet)
+    link = MqttLink(f"edgefl-{cfg.fleet}-rollback", cfg.broker, clean_start=True)
+    follow_statuses(link, topics, registry)
+    with link:
+        # the retained statuses arrive right after subscribing; give them a moment
+        registry.wait_for(lambda _r: False, settle_s)
+        rollout = Rollout(
+            link, topics, registry, cfg.model.name, store_for(cfg.state_dir), cfg.deploy
+        )
+        return rollout.rollback(to_version, variant)

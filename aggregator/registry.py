@@ -26,6 +26,8 @@ class DeviceRecord:
     throughput_sps: float | None = None
     serving: int | None = None  # ONNX model version the device serves
     serving_accuracy: float | None = None
+    serving_seq: int | None = None  # the deployment it came with
+    previous_accuracy: float | None = None
 
     @property
     def reliability(self) -> float:
@@ -61,6 +63,8 @@ class DeviceRegistry:
                 rec.agent_version = status.agent_version
                 rec.serving = status.serving
                 rec.serving_accuracy = status.serving_accuracy
+                rec.serving_seq = status.serving_seq
+                rec.previous_accuracy = status.previous_accuracy
                 if status.telemetry is not None:
                     # the birth's reading lets a device be scheduled before its first report
                     rec.telemetry = status.telemetry

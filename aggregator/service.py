@@ -123,7 +123,10 @@ class Aggregator:
             max_inflight=1000,
         )
         self.broadcast = ModelBroadcast(self.link, self.topics, cfg.model.name)
-        self.rollout = deploy.Rollout(self.link, self.topics, self.registry, cfg.model.name)
+        self.store = deploy.store_for(cfg.state_dir)
+        self.rollout = deploy.Rollout(
+            self.link, self.topics, self.registry, cfg.model.name, self.store, cfg.deploy
+        )
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
         self.link.subscribe(self.topics.all_devices("update"), self._on_update)
@@ -257,6 +260,9 @@ class Aggregator:
         self._checkpoint()
         if applied:
             self._publish_model()
+        every = self.cfg.deploy.export_every
+        if every and applied and result.number % every == 0:
+            self.export()
         self._publish_status(force=True, accuracy=acc)
         if self.on_round is not None:
             self.on_round(metrics)
@@ -435,22 +441,23 @@ class Aggregator:
         self.rejected.update(state.get("rejected", {}))
         log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
 
-    def export(self, name: str = "model") -> dict[str, Any]:
-        """Export the current model to ONNX in the state dir and check it against PyTorch."""
+    def export(self) -> dict[str, Any]:
+        """Export the current model into the store (fp32 and int8 ONNX), checked against
+        PyTorch; see aggregator/deploy.py."""
         return deploy.export(
             self.model,
             self.info,
-            self.state_dir / "models",
+            self.store,
             version=self.version,
             round_=self.next_round - 1,
             accuracy=self.history[-1].accuracy if self.history else None,
-            check_X=self.eval_data.X if self.eval_data is not None else None,
-            name=name,
+            eval_data=self.eval_data,
+            int8=self.cfg.deploy.int8,
         )
 
-    def deploy(self, exported: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    def deploy(self, exported: dict[str, Any]) -> dict[str, Any]:
         """Roll an exported model out to the fleet; see aggregator/deploy.py."""
-        return self.rollout.publish(exported, self.next_round - 1, timeout_s)
+        return self.rollout.publish(exported["version"])
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:

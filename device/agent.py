@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from device import inference
+from device.deployment import DeploymentClient
 from device.updates import UpdateEncoder
 from edgefl import __version__
 from edgefl.compression import WireError
@@ -36,7 +37,6 @@ from edgefl.messages import (
     Task,
     Telemetry,
     decode_model,
-    decode_onnx,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
@@ -94,6 +94,7 @@ class DeviceAgent:
         self._read_telemetry = telemetry or (lambda agent: read_system(len(agent.data)))
         self._stop = threading.Event()
         self._telemetry_thread: threading.Thread | None = None
+        self._http = None  # the optional local inference endpoint
         self.link = MqttLink(
             f"edgefl-{cfg.fleet}-{self.id}",
             cfg.broker,
@@ -101,19 +102,27 @@ class DeviceAgent:
             on_connect=self._on_connect,
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
-        self.model_dir = Path(cfg.state_dir) / "models"
-        self.server = inference.InferenceServer()
-        self.serving_accuracy: float | None = None
-        found = inference.current(self.model_dir)
-        if found is not None:
-            self._serve(*found)
         self.link.subscribe(self.topics.task(self.id), self._on_task)
         self.link.subscribe(self.topics.model_global, self._on_model)
-        self.link.subscribe(self.topics.model_onnx, self._on_onnx)
+        # the deployed ONNX model: fetched, verified, served, reported in the status
+        self.deployment = DeploymentClient(
+            self.link,
+            self.topics,
+            self.id,
+            cfg.model.name,
+            Path(cfg.state_dir) / "models",
+            health=self._local_accuracy,
+            on_change=self._publish_birth,
+        )
+        self.server = self.deployment.server
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> DeviceAgent:
+        if self.cfg.http_port:
+            from device.http import serve_http
+
+            self._http = serve_http(self.server, self.cfg.http_port)
         self.link.start(wait=wait)
         self._telemetry_thread = threading.Thread(
             target=self._telemetry_loop, name=f"telemetry-{self.id}", daemon=True
@@ -124,6 +133,8 @@ class DeviceAgent:
     def stop(self) -> None:
         """Say goodbye (retained ``offline``), then disconnect."""
         self._stop.set()
+        if self._http is not None:
+            self._http.shutdown()
         if self.link.connected.is_set():
             info = self.link.publish(
                 self.topics.status(self.id), Status("offline").to_payload(), qos=1, retain=True
@@ -171,32 +182,15 @@ class DeviceAgent:
             caps,
             telemetry=reading,
             serving=self.server.version,
-            serving_accuracy=self.serving_accuracy,
+            serving_accuracy=self.deployment.accuracy,
+            serving_seq=self.deployment.serving_seq,
+            previous_accuracy=self.deployment.previous_accuracy,
         )
         self.link.publish(self.topics.status(self.id), status.to_payload(), qos=1, retain=True)
 
-    def _on_onnx(self, _topic: str, payload: bytes) -> None:
-        try:
-            msg = decode_onnx(payload, model=self.cfg.model.name)
-        except WireError as e:
-            self.stats.reject(e.reason)
-            log.warning("%s: ignored ONNX model: %s", self.id, e)
-            return
-        if self.server.version is not None and msg.version <= self.server.version:
-            return
-        path = inference.install(self.model_dir, msg)
-        self._serve(msg.version, path)
-        log.info("%s: serving ONNX model v%d", self.id, msg.version)
-        self._publish_birth()  # the status now names the version in service
-
-    def _serve(self, version: int, path: Path) -> None:
-        try:
-            self.server.load(path, version)
-        except Exception:
-            log.exception("%s: could not load ONNX model v%d", self.id, version)
-            return
-        # a health figure the rollout can judge: the model's accuracy on this device's data
-        self.serving_accuracy = float((self.server.predict(self.data.X) == self.data.y).mean())
+    def _local_accuracy(self, server: inference.InferenceServer) -> float:
+        """The health figure a rollout judges: the served model's accuracy on local data."""
+        return float((server.predict(self.data.X) == self.data.y).mean())
 
     def _on_model(self, _topic: str, payload: bytes) -> None:
         try:

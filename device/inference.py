@@ -1,11 +1,16 @@
-"""Local inference with the deployed ONNX model.
+"""Local inference with the deployed ONNX model, and the device's store of received models.
 
-This module imports ONNX Runtime and numpy, never torch: a device that only serves predictions
-does not need to load the training stack.
+This module imports ONNX Runtime and numpy, never torch: a device, or a process on it, that only
+serves predictions does not load the training stack.
 
-Models are installed into a directory as ``v{version}.onnx`` next to ``current.json``, which
-names the version in service. Both are written atomically (temporary file, then rename), so a
-power cut leaves the previous model in service rather than half a file.
+    from device.inference import InferenceServer
+    server = InferenceServer.from_dir("/var/lib/edgefl/device/models")
+    classes = server.predict(X)          # X: (samples, features) float32
+
+Received models are kept as ``{sha256}.onnx``, next to ``current.json``, which names the one in
+service. Both are written atomically (temporary file, then rename), so a power cut leaves the
+previous model in service rather than half a file. The last few models stay, so that a rollback
+to one of them needs no download.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from edgefl.messages import OnnxModel
-
 CURRENT = "current.json"
+KEEP = 3
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -38,32 +43,42 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def install(model_dir: str | Path, msg: OnnxModel) -> Path:
-    """Write a received (already checksum-verified) model and make it the current one."""
-    model_dir = Path(model_dir)
-    path = model_dir / f"v{msg.version}.onnx"
-    _atomic_write(path, msg.body)
-    current = {
-        "version": msg.version,
-        "sha256": msg.sha256,
-        "file": path.name,
-        "metadata": msg.metadata,
-    }
-    _atomic_write(model_dir / CURRENT, json.dumps(current).encode())
-    return path
+class LocalModels:
+    """The models a device holds, by SHA-256, and which one is in service."""
 
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
 
-def current(model_dir: str | Path) -> tuple[int, Path] | None:
-    """The installed model in service: (version, path), or None."""
-    model_dir = Path(model_dir)
-    try:
-        info = json.loads((model_dir / CURRENT).read_text())
-        path = model_dir / Path(info["file"]).name
-        if path.exists():
-            return int(info["version"]), path
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    def path(self, sha256: str) -> Path | None:
+        path = self.dir / f"{sha256}.onnx"
+        return path if path.exists() else None
+
+    def add(self, sha256: str, body: bytes) -> Path:
+        """Store a received model (its checksum already verified)."""
+        path = self.dir / f"{sha256}.onnx"
+        if not path.exists():
+            _atomic_write(path, body)
+        return path
+
+    def set_current(self, info: dict[str, Any]) -> None:
+        """Record what is in service (``info`` holds at least sha256 and version)."""
+        _atomic_write(self.dir / CURRENT, json.dumps(info).encode())
+        self._prune(keep={info["sha256"]})
+
+    def current(self) -> dict[str, Any] | None:
+        try:
+            info = json.loads((self.dir / CURRENT).read_text())
+            if isinstance(info, dict) and self.path(str(info["sha256"])) is not None:
+                return info
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _prune(self, keep: set[str]) -> None:
+        files = sorted(self.dir.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in files[KEEP:]:
+            if old.stem not in keep:
+                old.unlink(missing_ok=True)
 
 
 class InferenceServer:
@@ -75,30 +90,46 @@ class InferenceServer:
         self._session: ort.InferenceSession | None = None
         self._input = ""
         self.version: int | None = None
+        self.info: dict[str, Any] = {}
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = threads
         self._options.inter_op_num_threads = 1
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int = 1) -> InferenceServer:
-        server = cls(threads)
-        found = current(model_dir)
-        if found is None:
+        """The model in service in a device's model directory."""
+        store = LocalModels(model_dir)
+        info = store.current()
+        if info is None:
             raise FileNotFoundError(f"no model installed in {model_dir}")
-        server.load(found[1], found[0])
+        server = cls(threads)
+        server.load(store.path(info["sha256"]), info)
         return server
 
-    def load(self, path: str | Path, version: int) -> None:
+    def load(self, path: str | Path, info: dict[str, Any] | None = None) -> None:
+        """Load a model file and put it in service; ``info`` describes it (version, sha256),
+        else the version comes from the file's own metadata."""
         session = ort.InferenceSession(
             str(path), sess_options=self._options, providers=["CPUExecutionProvider"]
         )
         name = session.get_inputs()[0].name
+        if info is None:
+            meta = session.get_modelmeta().custom_metadata_map
+            version = meta.get("model_version", "0")
+            info = {"version": int(version) if version.isdigit() else 0}
         with self._lock:
-            self._session, self._input, self.version = session, name, version
+            self._session, self._input = session, name
+            self.version, self.info = int(info["version"]), dict(info)
 
     @property
     def ready(self) -> bool:
         return self._session is not None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        with self._lock:
+            session = self._session
+        return dict(session.get_modelmeta().custom_metadata_map) if session else {}
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         with self._lock:

@@ -78,8 +78,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             return 130
         if not args.no_export and agg.history:
             summary["onnx"] = exported = agg.export()
-            if not args.no_deploy:
-                summary["deployment"] = agg.deploy(exported, timeout_s=args.deploy_timeout)
+            if cfg.deploy.rollout and not args.no_deploy:
+                summary["deployment"] = agg.deploy(exported)
         agg.finish()
     summary.update(
         rounds=[vars(m) for m in agg.history],
@@ -194,6 +194,53 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Local inference with the deployed ONNX model (ONNX Runtime only; torch is not loaded)."""
+    import numpy as np
+
+    from device.inference import InferenceServer
+
+    if args.model:
+        server = InferenceServer()
+        server.load(args.model)
+    else:
+        server = InferenceServer.from_dir(args.model_dir)
+    path = Path(args.input)
+    labels = None
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            X = z["X"]
+            labels = z["y"] if "y" in z.files else None
+    elif path.suffix == ".npy":
+        X = np.load(path, allow_pickle=False)
+    else:  # text: one sample per line, numbers separated by commas or spaces
+        X = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    classes = server.predict(np.asarray(X, dtype=np.float32))
+    if args.json:
+        print(json.dumps({"version": server.version, "classes": classes.tolist()}))
+    else:
+        print("\n".join(str(c) for c in classes))
+    if labels is not None:
+        acc = float((classes == labels).mean())
+        print(
+            f"model v{server.version}: accuracy {acc:.4f} on {len(labels)} samples", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from aggregator.deploy import rollback_command
+
+    cfg = load(AggregatorConfig, args.config)
+    result = rollback_command(cfg, args.to, args.variant)
+    print(
+        f"rolled back to model v{result['version']} ({result['variant']}): served by "
+        f"{result['devices_serving']} of {result['devices_online']} online devices after "
+        f"{result['rollout_s']:.2f} s"
+    )
+    return 0 if result["devices_serving"] == result["devices_online"] else 1
+
+
 # -- edgefl demo ------------------------------------------------------------------------------
 
 
@@ -224,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--threads", type=int, default=1, help="torch threads for evaluation")
     a.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
     a.add_argument("--no-deploy", action="store_true", help="export ONNX but do not publish it")
-    a.add_argument("--deploy-timeout", type=float, default=60.0)
     a.set_defaults(func=cmd_aggregator)
 
     d = sub.add_parser("device", help="run device agent(s)")
@@ -262,6 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--out", default="enrolled", help="where to write the device config files")
     e.set_defaults(func=cmd_enroll)
+
+    pr = sub.add_parser("predict", help="classify samples with the deployed ONNX model")
+    pr.add_argument("input", help=".npz (X, optional y), .npy, or .csv / text, one sample a line")
+    pr.add_argument(
+        "--model-dir",
+        default="/var/lib/edgefl/device/models",
+        help="the device's model directory (state_dir/models)",
+    )
+    pr.add_argument("--model", help="an .onnx file instead of the deployed model")
+    pr.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    pr.set_defaults(func=cmd_predict)
+
+    rb = sub.add_parser("rollback", help="serve the previous model again, fleet-wide")
+    rb.add_argument("--config", required=True, help="the aggregator's TOML")
+    rb.add_argument("--to", type=int, help="this model version instead of the previous one")
+    rb.add_argument("--variant", choices=["fp32", "int8"])
+    rb.set_defaults(func=cmd_rollback)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml")

@@ -119,6 +119,28 @@ class LimitsConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Exporting the global model to ONNX and rolling it out to the fleet."""
+
+    # also export (into the model store) every K rounds; 0 = only the final model
+    export_every: int = 0
+    # also make an int8 variant with ONNX Runtime's quantisation tools
+    int8: bool = True
+    # which variant the fleet serves: "fp32" (exact) or "int8" (a third of the bytes)
+    variant: str = "fp32"
+    # publish the final model to the fleet when training ends
+    rollout: bool = True
+    # try a new model on this fraction of the online devices first; 0 = everyone at once
+    canary_fraction: float = 0.0
+    # a canary fails if its accuracy on its own data drops by more than this
+    canary_margin: float = 0.02
+    canary_timeout_s: float = 60.0
+    rollout_timeout_s: float = 60.0
+    # ONNX files travel in chunks of at most this size (managed brokers cap messages at 128 KB)
+    chunk_bytes: int = 128 * 1024
+
+
+@dataclass
 class AggregatorConfig:
     fleet: str = "demo"
     broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(username="aggregator"))
@@ -128,6 +150,7 @@ class AggregatorConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     # Held-out data (.npz with X and y) to evaluate the global model on after every round.
     eval_data: str | None = None
     # Where checkpoints, metrics and the exported ONNX model go.
@@ -147,6 +170,8 @@ class DeviceConfig:
     # Where the agent keeps what must survive a restart (models, error-feedback state).
     state_dir: str = "device-state"
     torch_threads: int = 1
+    # local inference over HTTP on 127.0.0.1 (POST /predict); 0 = off
+    http_port: int = 0
 
 
 @dataclass
@@ -173,6 +198,7 @@ class RunConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     seed: int = 0
 

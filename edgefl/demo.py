@@ -165,6 +165,7 @@ def run_local(
             rounds=cfg.rounds,
             strategy=cfg.strategy,
             limits=cfg.limits,
+            deploy=cfg.deploy,
             eval_data=str(run_dir / "data" / "test.npz"),
             state_dir=str(run_dir / "aggregator"),
             seed=cfg.seed,

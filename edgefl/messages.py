@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from edgefl.chunking import Blob
 from edgefl.compression import Codec, ModelSpec, WireError, make_codec
 from edgefl.config import NAME_RE
 
@@ -275,66 +276,6 @@ def decode_model(payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int 
     return GlobalModel(version, rnd, name, weights, digest)
 
 
-ONNX_FORMAT = "edgefl.onnx"
-
-
-@dataclass
-class OnnxModel:
-    """A deployable ONNX model (aggregator -> devices, retained on model/onnx)."""
-
-    version: int
-    round: int
-    model: str
-    body: bytes  # the .onnx file
-    metadata: dict[str, str] = field(default_factory=dict)
-    sha256: str = ""
-
-
-def encode_onnx(msg: OnnxModel) -> bytes:
-    msg.sha256 = hashlib.sha256(msg.body).hexdigest()
-    return msgpack.packb(
-        {
-            "fmt": ONNX_FORMAT,
-            "v": FORMAT_VERSION,
-            "version": msg.version,
-            "round": msg.round,
-            "model": msg.model,
-            "metadata": msg.metadata,
-            "sha256": msg.sha256,
-            "body": msg.body,
-            "ts": time.time(),
-        },
-        use_bin_type=True,
-    )
-
-
-def decode_onnx(payload: bytes, *, model: str, max_bytes: int = 256 << 20) -> OnnxModel:
-    """The deployable model from its retained message, its SHA-256 verified."""
-    obj = unpack(payload, max_bytes)
-    _check_header(obj, ONNX_FORMAT)
-    what = "ONNX model"
-    name = _get(obj, "model", str, what)
-    if name != model:
-        raise WireError("model", f"ONNX model is {name[:64]!r}, this device runs {model!r}")
-    body = _get(obj, "body", bytes, what)
-    digest = _get(obj, "sha256", str, what)
-    if hashlib.sha256(body).hexdigest() != digest:
-        raise WireError("checksum", "SHA-256 of the ONNX file does not match")
-    meta = obj.get("metadata", {})
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise WireError("malformed", "ONNX metadata must map strings to strings")
-    return OnnxModel(
-        version=_count(obj, "version", what),
-        round=_count(obj, "round", what),
-        model=name,
-        body=body,
-        metadata=meta,
-        sha256=digest,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # control messages (JSON)
 
@@ -446,6 +387,8 @@ class Status:
     telemetry: Telemetry | None = None
     serving: int | None = None  # version of the ONNX model the device serves
     serving_accuracy: float | None = None  # that model's accuracy on the device's own data
+    serving_seq: int | None = None  # the deployment (rollout or rollback) it came with
+    previous_accuracy: float | None = None  # the model served before, on the same data
     ts: float = field(default_factory=time.time)
 
     def to_payload(self) -> bytes:
@@ -478,6 +421,10 @@ class Status:
             telemetry=telemetry,
             serving=None if serving is None else _count(obj, "serving", what),
             serving_accuracy=_optional_number(obj, "serving_accuracy", what, 0.0, 1.0),
+            serving_seq=None if obj.get("serving_seq") is None else _count(
+                obj, "serving_seq", what
+            ),
+            previous_accuracy=_optional_number(obj, "previous_accuracy", what, 0.0, 1.0),
             ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
         )
 
@@ -513,3 +460,75 @@ class AggregatorStatus:
             accuracy=_optional_number(obj, "accuracy", what, 0.0, 1.0),
             ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
         )
+
+
+MAX_ONNX_BYTES = 64 << 20
+VARIANTS = ("fp32", "int8")
+
+
+@dataclass
+class Deployment:
+    """A rollout manifest, retained on model/onnx (what the fleet serves) or on
+    model/onnx/canary (what the listed canary devices try first). The ONNX file itself travels
+    as a chunked blob (edgefl/chunking.py) named by its SHA-256."""
+
+    version: int  # the global model version it was exported from
+    round: int
+    model: str
+    variant: str  # "fp32" or "int8"
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: int
+    seq: int  # grows with every rollout and rollback, so a rollback is news to the devices
+    metadata: dict[str, str] = field(default_factory=dict)
+    canaries: list[str] = field(default_factory=list)
+    ts: float = field(default_factory=time.time)
+
+    @property
+    def blob(self) -> Blob:
+        return Blob(self.sha256, self.size, self.chunk_size, self.chunks)
+
+    def to_payload(self) -> bytes:
+        return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(
+        cls, payload: bytes, *, model: str, max_bytes: int = MAX_ONNX_BYTES
+    ) -> Deployment:
+        obj = _load_json(payload, "deployment")
+        what = "deployment"
+        if type(obj.get("v")) is not int or obj["v"] != FORMAT_VERSION:
+            raise WireError("version", f"deployment format {obj.get('v')!r}")
+        name = _get(obj, "model", str, what)
+        if name != model:
+            raise WireError("model", f"deployment is for {name[:64]!r}, this device runs {model!r}")
+        variant = obj.get("variant")
+        if variant not in VARIANTS:
+            raise WireError("malformed", f"deployment variant {variant!r}")
+        meta = obj.get("metadata", {})
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise WireError("malformed", "deployment metadata must map strings to strings")
+        canaries = obj.get("canaries", [])
+        if not isinstance(canaries, list) or not all(
+            isinstance(c, str) and NAME_RE.match(c) for c in canaries
+        ):
+            raise WireError("malformed", "canaries must be a list of device ids")
+        dep = cls(
+            version=_count(obj, "version", what),
+            round=_count(obj, "round", what),
+            model=name,
+            variant=variant,
+            sha256=_get(obj, "sha256", str, what),
+            size=_count(obj, "size", what, 1, max_bytes),
+            chunk_size=_count(obj, "chunk_size", what, 1, max_bytes),
+            chunks=_count(obj, "chunks", what, 1),
+            seq=_count(obj, "seq", what),
+            metadata=meta,
+            canaries=canaries,
+            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+        )
+        dep.blob.check(max_bytes)
+        return dep

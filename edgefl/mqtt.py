@@ -85,6 +85,7 @@ class MqttLink:
         self.bytes_in: Counter[str] = Counter()
         self.handler_errors = 0
         self.connects = 0
+        self.max_packet_size: int | None = None
 
         c = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
@@ -179,6 +180,14 @@ class MqttLink:
         if live:
             self._client.subscribe(topic_filter, qos=qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+            live = self.connected.is_set()
+        self._client.message_callback_remove(topic_filter)
+        if live:
+            self._client.unsubscribe(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> paho.MQTTMessageInfo:
@@ -201,7 +210,7 @@ class MqttLink:
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
-    def _handle_connect(self, client, _userdata, flags, reason_code, _properties) -> None:
+    def _handle_connect(self, client, _userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
             log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
@@ -214,6 +223,8 @@ class MqttLink:
                 threading.Thread(target=client.disconnect, daemon=True).start()
             return
         self.connects += 1
+        # the broker's packet limit (MQTT 5 CONNACK); paho does not enforce it for us
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
             subs = list(self._subs.items())
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set

@@ -82,3 +82,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """An int8 variant of an exported model, made with ONNX Runtime's dynamic quantisation.
+
+    Weights of MatMul/Gemm become int8 with a per-tensor scale; activations are quantised on the
+    fly at run time, so no calibration data is needed. The metadata is kept.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    os.replace(tmp, dst)
+    return dst

@@ -62,6 +62,11 @@ class Topics:
         return f"{self.root}/model/onnx"
 
     @property
+    def model_onnx_canary(self) -> str:
+        """A candidate model for the canary devices it names (retained while the canary runs)."""
+        return f"{self.root}/model/onnx/canary"
+
+    @property
     def aggregator_status(self) -> str:
         return f"{self.root}/aggregator/status"
 

@@ -14,7 +14,6 @@ from broker import PrivateBroker
 from edgefl.compression import DenseCodec
 from edgefl.messages import Status, Task, Telemetry, Update, encode_update
 from edgefl.mqtt import MqttLink
-from edgefl.onnx_export import onnx_logits
 from edgefl.topics import Topics
 from tests.conftest import FLEET, finite, wait_until
 
@@ -207,28 +206,6 @@ def test_agents_and_aggregator_reconnect_after_the_broker_restarts(make_fleet) -
         wait_until(lambda: len(agg.registry.online()) == 2, what="births after the restart")
         (m,) = agg.run(rounds=2)[1:]
     assert m.round == 2 and m.reported == 2 and m.applied
-
-
-def test_onnx_export_matches_pytorch_and_every_device_serves_it(make_fleet, digits) -> None:
-    fleet = make_fleet(devices=3)
-    for i in range(2):
-        fleet.start_agent(i)
-    cfg = fleet.aggregator_config(rounds=2)
-    cfg.rounds.min_devices = 2
-    with fleet.aggregator(cfg) as agg:
-        agg.run()
-        exported = agg.export()
-        assert exported["parity_max_abs"] <= 1e-5
-        deployed = agg.deploy(exported, timeout_s=15)
-        assert deployed["devices_serving"] == 2
-        # a device that was away during the rollout gets the retained model when it comes
-        late = fleet.start_agent(2)
-        wait_until(lambda: late.server.version == exported["version"], what="the late device")
-    _, test = digits
-    expected = onnx_logits(exported["path"], test.X).argmax(1)
-    for agent in fleet.agents.values():
-        assert agent.server.version == exported["version"]
-        np.testing.assert_array_equal(agent.server.predict(test.X), expected)
 
 
 @pytest.mark.parametrize("bad", [b"", b"not json", b'{"v": 1, "round": -1}'])

@@ -22,16 +22,13 @@ from edgefl.messages import (
     MODEL_FORMAT,
     AggregatorStatus,
     GlobalModel,
-    OnnxModel,
     Status,
     Task,
     Telemetry,
     Update,
     decode_model,
-    decode_onnx,
     decode_update,
     encode_model,
-    encode_onnx,
     encode_update,
 )
 
@@ -724,70 +721,6 @@ def test_model_with_nan_weights():
 def test_model_over_max_bytes():
     payload = encode_model(make_global(), DenseCodec())
     model_rejected(payload, "too_large", max_bytes=len(payload) - 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# the ONNX model
-
-
-def make_onnx(**changes) -> OnnxModel:
-    fields = dict(
-        version=6,
-        round=5,
-        model="mlp_digits",
-        body=bytes(range(256)) * 8,
-        metadata={"accuracy": "0.97", "opset": "17"},
-    )
-    fields.update(changes)
-    return OnnxModel(**fields)
-
-
-def onnx_rejected(payload, reason: str, **kw) -> WireError:
-    args = dict(model="mlp_digits")
-    args.update(kw)
-    with pytest.raises(WireError) as info:
-        decode_onnx(payload, **args)
-    assert info.value.reason == reason, str(info.value)
-    return info.value
-
-
-def test_onnx_round_trip():
-    sent = make_onnx()
-    got = decode_onnx(encode_onnx(sent), model="mlp_digits")
-    assert got == sent
-    assert got.sha256 == hashlib.sha256(sent.body).hexdigest()
-
-
-def test_onnx_with_a_wrong_sha256():
-    obj = model_obj(encode_onnx(make_onnx()))
-    obj["sha256"] = hashlib.sha256(b"something else").hexdigest()
-    onnx_rejected(pack(obj), "checksum")
-
-
-def test_onnx_with_a_corrupted_body():
-    obj = model_obj(encode_onnx(make_onnx()))
-    obj["body"] = obj["body"][:-1]
-    onnx_rejected(pack(obj), "checksum")
-
-
-def test_onnx_for_another_model():
-    onnx_rejected(encode_onnx(make_onnx(model="mlp_mnist")), "model")
-
-
-@pytest.mark.parametrize("meta", [{"a": 1}, ["a"], {"a": None}, "a=b"])
-def test_onnx_metadata_must_map_strings_to_strings(meta):
-    obj = model_obj(encode_onnx(make_onnx()))
-    obj["metadata"] = meta
-    onnx_rejected(pack(obj), "malformed")
-
-
-def test_onnx_global_model_is_not_onnx():
-    onnx_rejected(encode_model(make_global(), DenseCodec()), "malformed")
-
-
-def test_onnx_over_max_bytes():
-    payload = encode_onnx(make_onnx())
-    onnx_rejected(payload, "too_large", max_bytes=100)
 
 
 # ---------------------------------------------------------------------------------------------
