@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import threading
 import time
 from collections import Counter
@@ -479,8 +478,3 @@ def _timeline(result: RoundResult) -> dict[str, float]:
             out[f"{key[2:]}_first"] = min(times)
             out[f"{key[2:]}_last"] = max(times)
     return out
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -52,7 +52,8 @@ def _until_signal() -> threading.Event:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     import torch
 
-    from aggregator.service import Aggregator, peak_rss_mb
+    from aggregator.service import Aggregator
+    from edgefl.telemetry import peak_rss_mb
 
     started = time.perf_counter()
     cfg = load(AggregatorConfig, args.config)
@@ -128,7 +129,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         agent.stop()
     executor.shutdown(wait=False, cancel_futures=True)
     if args.stats_out:
-        from aggregator.service import peak_rss_mb
+        from edgefl.telemetry import peak_rss_mb
 
         stats = {
             "agents": len(agents),
