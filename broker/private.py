@@ -104,6 +104,7 @@ class PrivateBroker:
         port: int | None = None,
         device_ids: Iterable[str] = (),
         max_packet_size: int = 1 << 20,
+        tls: bool = False,
     ) -> None:
         self.fleet = check_name("fleet", fleet)
         self.aggregator = Account("aggregator", generate_password())
@@ -120,6 +121,10 @@ class PrivateBroker:
         self._port_given = port is not None
         self.port = port if port is not None else free_port(self.host)
         self.max_packet_size = max_packet_size
+        # a second listener with TLS, its certificates made by our own CA (broker/certs.py)
+        self.tls = tls
+        self.tls_port = free_port(self.host) if tls else None
+        self.tls_files: dict[str, Path] = {}
         # Guards the account table and the process against a device_account() from another
         # thread (the demo enrols devices while the broker runs).
         self._lock = threading.RLock()
@@ -169,6 +174,7 @@ class PrivateBroker:
             # A loopback-only test broker may stay root; a deployment (serve.py) does not.
             user="root" if os.geteuid() == 0 else broker_user(),
             max_packet_size=self.max_packet_size,
+            **self._tls_settings(),
         )
         write_text(self.config_path, render_config(settings))
 
@@ -202,13 +208,31 @@ class PrivateBroker:
                 self._reload(probe=new[-1])
             return result
 
-    def broker_config(self, account: Account | None) -> BrokerConfig:
-        """How a client reaches this broker as ``account`` (``None``: anonymously)."""
+    def _tls_settings(self) -> dict[str, object]:
+        if not self.tls:
+            return {}
+        if not self.tls_files:
+            from .certs import make_certificates
+
+            self.tls_files = make_certificates(self.workdir / "tls", [self.host, "localhost"])
+        return {
+            "tls_port": self.tls_port,
+            "tls_cafile": str(self.tls_files["ca.crt"]),
+            "tls_certfile": str(self.tls_files["server.crt"]),
+            "tls_keyfile": str(self.tls_files["server.key"]),
+        }
+
+    def broker_config(self, account: Account | None, tls: bool = False) -> BrokerConfig:
+        """How a client reaches this broker as ``account`` (``None``: anonymously); with
+        ``tls`` over the TLS listener, verifying the broker against our CA."""
+        if tls and not self.tls:
+            raise BrokerError("this broker was started without tls=True")
         return BrokerConfig(
             host=self.host,
-            port=self.port,
+            port=self.tls_port if tls else self.port,
             username=account.username if account else None,
             password=account.password if account else None,
+            tls_ca=str(self.tls_files["ca.crt"]) if tls else None,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def cmd_device(args: argparse.Namespace) -> int:
             "downlink_bytes": sum(sum(a.link.bytes_in.values()) for a in agents),
             "train_s": sum(a.stats.train_seconds for a in agents),
             "serving": {a.id: a.server.version for a in agents},
+            # energy spent and battery levels (device/profiles.py), replies other than updates
+            "hardware": {a.id: a.hardware.report() | {"replies": a.stats.replies} for a in agents},
         }
         Path(args.stats_out).write_text(json.dumps(stats, indent=1))
     return 0
@@ -192,6 +194,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         )
         path.chmod(0o600)
         print(f"enrolled {device_id}: {path}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from broker.certs import make_certificates
+
+    paths = make_certificates(args.dir, args.host)
+    print(f"CA certificate (copy to every device, [broker] tls_ca): {paths['ca.crt']}")
+    print(f"CA key (keep it offline):                              {paths['ca.key']}")
+    print(
+        f"broker: edgefl broker --tls-ca {paths['ca.crt']} --tls-cert {paths['server.crt']} "
+        f"--tls-key {paths['server.key']}"
+    )
     return 0
 
 
@@ -309,6 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--out", default="enrolled", help="where to write the device config files")
     e.set_defaults(func=cmd_enroll)
+
+    c = sub.add_parser("certs", help="make a CA and a TLS certificate for the broker")
+    c.add_argument("--dir", default="broker-tls")
+    c.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a name or address devices use to reach the broker (repeatable)",
+    )
+    c.set_defaults(func=cmd_certs)
 
     pr = sub.add_parser("predict", help="classify samples with the deployed ONNX model")
     pr.add_argument("input", help=".npz (X, optional y), .npy, or .csv / text, one sample a line")

@@ -135,9 +135,15 @@ class MqttLink:
                 f"broker at {where} refused {self.client_id!r}: {self._refused}. "
                 "Check the username and password in the [broker] section of the config."
             )
+        hint = (
+            f"; or the broker's certificate did not verify against {self.broker.tls_ca} (wrong "
+            "CA, or a certificate that does not name this host), or that port is not TLS"
+            if self.broker.tls_ca
+            else ""
+        )
         raise BrokerUnavailable(
             f"no connection to the broker at {where} within {timeout:.0f} s; is it running, and "
-            "are host and port right? (`edgefl broker` starts one)"
+            f"are host and port right? (`edgefl broker` starts one){hint}"
         )
 
     def stop(self) -> None:
