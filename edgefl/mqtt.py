@@ -135,6 +135,7 @@ class MqttLink:
                 f"broker at {where} refused {self.client_id!r}: {self._refused}. "
                 "Check the username and password in the [broker] section of the config."
             )
+        self.stop()  # do not leave a thread retrying behind the caller's back
         hint = (
             f"; or the broker's certificate did not verify against {self.broker.tls_ca} (wrong "
             "CA, or a certificate that does not name this host), or that port is not TLS"

@@ -1,0 +1,77 @@
+"""Keeping strangers out: TLS with the fleet's own CA, and devices the aggregator never enrolled.
+
+Accounts and the ACL (anonymous, wrong password, one device posing as another) are tested
+against the broker itself in tests/test_broker.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker import PrivateBroker
+from broker.certs import make_certificates
+from device.agent import DeviceAgent
+from edgefl.config import BrokerConfig, DeviceConfig
+from edgefl.mqtt import BrokerUnavailable, MqttLink
+from tests.conftest import FLEET
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path):
+    with PrivateBroker(FLEET, workdir=tmp_path / "broker", tls=True, device_ids=["dev-0"]) as b:
+        yield b
+
+
+def test_device_over_tls_verifies_the_broker_and_trains(tls_broker, tmp_path, digits) -> None:
+    b = tls_broker
+    train, test = digits
+    cfg = DeviceConfig(
+        fleet=FLEET,
+        device_id="dev-0",
+        broker=b.broker_config(b.device_account("dev-0"), tls=True),
+        state_dir=str(tmp_path / "dev-0"),
+    )
+    assert cfg.broker.port == b.tls_port and cfg.broker.tls_ca
+    from aggregator.service import Aggregator
+    from edgefl.config import AggregatorConfig
+
+    agent = DeviceAgent(cfg, train).start()
+    try:
+        agg_cfg = AggregatorConfig(
+            fleet=FLEET,
+            broker=b.broker_config(b.aggregator, tls=True),
+            state_dir=str(tmp_path / "agg"),
+        )
+        agg_cfg.rounds.rounds = 1
+        agg_cfg.deploy.rollout = False
+        with Aggregator(agg_cfg, eval_data=test) as agg:
+            (m,) = agg.run()
+        assert m.reported == 1 and m.applied
+    finally:
+        agent.stop()
+
+
+def test_a_broker_with_a_certificate_from_another_ca_is_refused(tls_broker, tmp_path) -> None:
+    b = tls_broker
+    stranger = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])
+    cfg = b.broker_config(b.device_account("dev-0"), tls=True)
+    cfg.tls_ca = str(stranger["ca.crt"])  # the device trusts a CA that did not sign the broker
+    cfg.connect_timeout_s = 3.0
+    with pytest.raises(BrokerUnavailable, match="certificate"):
+        MqttLink("test-wrong-ca", cfg).start()
+
+
+def test_plain_mqtt_to_the_tls_port_does_not_connect(tls_broker) -> None:
+    b = tls_broker
+    acct = b.device_account("dev-0")
+    cfg = BrokerConfig(
+        host=b.host,
+        port=b.tls_port,
+        username=acct.username,
+        password=acct.password,
+        connect_timeout_s=2.0,
+    )
+    with pytest.raises(BrokerUnavailable):
+        MqttLink("test-plain-on-tls", cfg).start()
