@@ -43,7 +43,7 @@ class MosquittoSettings:
     autosave_interval: int = 60
     persistent_client_expiration: str = "7d"
     max_queued_messages: int = 10000
-    max_inflight_messages: int = 100
+    max_inflight_messages: int = 0
     tls_port: int = 8883
     tls_cafile: str | None = None
     tls_certfile: str | None = None

@@ -30,6 +30,7 @@ from edgefl.config import BrokerConfig
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+DeferredHandler = Callable[[str, bytes, Callable[[], None]], None]
 
 
 class BrokerUnavailable(ConnectionError):
@@ -71,6 +72,7 @@ class MqttLink:
         on_connect: Callable[[bool], None] | None = None,
         clean_start: bool = False,
         max_inflight: int = 100,
+        manual_ack: bool = False,
     ) -> None:
         self.client_id = client_id
         self.broker = broker
@@ -87,11 +89,13 @@ class MqttLink:
         self.connects = 0
         self.max_packet_size: int | None = None
 
+        self.manual_ack = manual_ack
         c = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
             reconnect_on_failure=True,
+            manual_ack=manual_ack,
         )
         if broker.username is not None:
             c.username_pw_set(broker.username, broker.password)
@@ -174,11 +178,26 @@ class MqttLink:
 
     # -- traffic ------------------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Route messages matching ``topic_filter`` to ``handler(topic, payload)``."""
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler | DeferredHandler,
+        qos: int = 1,
+        *,
+        defer_ack: bool = False,
+    ) -> None:
+        """Route messages matching ``topic_filter`` to ``handler(topic, payload)``.
+
+        With ``defer_ack`` (on a link made with ``manual_ack=True``) the handler is called as
+        ``handler(topic, payload, ack)`` and the broker gets the QoS 1 acknowledgement only when
+        the handler calls ``ack()``: until then the broker keeps the message, and sends it again
+        to our session if we die, which is how an accepted update survives a crash.
+        """
+        if defer_ack and not self.manual_ack:
+            raise ValueError("defer_ack needs a link made with manual_ack=True")
 
         def callback(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-            self._dispatch(handler, msg)
+            self._dispatch(handler, msg, defer_ack)
 
         self._client.message_callback_add(topic_filter, callback)
         with self._lock:
@@ -207,13 +226,26 @@ class MqttLink:
         self.bytes_out[_kind(topic)] += len(payload)
         return info
 
-    def _dispatch(self, handler: Handler, msg: paho.MQTTMessage) -> None:
+    def _dispatch(self, handler, msg: paho.MQTTMessage, defer_ack: bool = False) -> None:
+        client, mid, qos, generation = self._client, msg.mid, msg.qos, self.connects
+
+        def ack() -> None:
+            # a packet id names a message only within one connection: after a reconnect the
+            # broker sends the unacknowledged message again, and that copy gets the ack
+            if qos > 0 and self.connects == generation and self.connected.is_set():
+                client.ack(mid, qos)
+
         try:
             self.bytes_in[_kind(msg.topic)] += len(msg.payload)
+            if defer_ack:
+                handler(msg.topic, msg.payload, ack)
+                return
             handler(msg.topic, msg.payload)
         except Exception:
             self.handler_errors += 1
             log.exception("%s: handler for %s failed; message dropped", self.client_id, msg.topic)
+        if self.manual_ack:
+            ack()
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
