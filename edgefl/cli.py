@@ -171,6 +171,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.registry:
+        from aggregator.enrolled import add_ids
+
+        add_ids(args.registry, args.device_ids)
+        print(f"added to the aggregator's list of enrolled devices: {args.registry}")
     for device_id in args.device_ids:
         account = enroll(args.dir, device_id)
         cfg = DeviceConfig(
@@ -323,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default="/var/lib/edgefl/data.npz", help="local data path on the device"
     )
     e.add_argument("--out", default="enrolled", help="where to write the device config files")
+    e.add_argument(
+        "--registry",
+        help="also add the ids to this file, the aggregator's enrolled_devices list",
+    )
     e.set_defaults(func=cmd_enroll)
 
     c = sub.add_parser("certs", help="make a CA and a TLS certificate for the broker")
