@@ -1,29 +1,61 @@
-"""The aggregator's picture of the fleet, built from births, Last Wills, telemetry and updates."""
+"""The aggregator's picture of the fleet, built from births, Last Wills, telemetry and updates.
+
+Per device it keeps:
+- whether it is online: a birth makes it so; its Last Will (or goodbye) makes it offline, and so
+  does silence: no telemetry (nor birth) for ``telemetry_max_age_s`` (see :meth:`sweep`). A
+  silent device comes back with its next telemetry; one whose Will fired needs a new birth;
+- the last telemetry, and the freshest battery reading (telemetry, or the figures an update or
+  reply carries);
+- its power model (from the birth), measured throughput (samples/s of local training, from
+  past updates and replies), and the latency around its work (task to update, minus training
+  and upload);
+- reliability: the share of assigned rounds it did not miss the deadline of (declines are not
+  held against it), and the energy its work is estimated to have used.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgefl.messages import Status, Telemetry
+from edgefl.compression import WireError
+from edgefl.config import ProfileConfig
+from edgefl.messages import PowerModel, Status, Telemetry
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = ProfileConfig()
+# what a device that does not say is assumed to draw (the defaults of a [profile] table)
+DEFAULT_POWER = PowerModel(_DEFAULTS.compute_w, _DEFAULTS.radio_w, _DEFAULTS.battery_wh)
 
 
 @dataclass
 class DeviceRecord:
     device_id: str
     online: bool = False
+    offline_reason: str = ""  # "will" (Last Will or goodbye) | "silent"
     status_at: float = 0.0
     capabilities: dict[str, Any] = field(default_factory=dict)
     agent_version: str = ""
     telemetry: Telemetry | None = None
     telemetry_at: float = 0.0  # our clock, not the device's: device clocks drift
+    power: PowerModel | None = None  # from the birth; None: not reported
+    battery_pct: float | None = None  # freshest reading from telemetry, updates or replies
+    charging: bool | None = None
+    battery_at: float = 0.0
     rounds_assigned: int = 0
     rounds_completed: int = 0
     deadlines_missed: int = 0
+    declines: int = 0
+    last_decline: str = ""
     # samples per second of local training, smoothed over past updates
     throughput_sps: float | None = None
+    # seconds from task to update beyond training and upload (delivery, queueing), smoothed
+    latency_s: float | None = None
+    energy_j: float = 0.0  # estimated, over all its work
     serving: int | None = None  # ONNX model version the device serves
     serving_accuracy: float | None = None
     serving_seq: int | None = None  # the deployment it came with
@@ -31,10 +63,36 @@ class DeviceRecord:
 
     @property
     def reliability(self) -> float:
-        """Fraction of assigned rounds the device delivered in time (1.0 before any)."""
-        if self.rounds_assigned == 0:
+        """Share of assigned rounds the device did not miss the deadline of (1.0 before any)."""
+        if self.rounds_assigned <= 0:
             return 1.0
-        return self.rounds_completed / self.rounds_assigned
+        return max(0.0, 1.0 - self.deadlines_missed / self.rounds_assigned)
+
+    @property
+    def samples(self) -> int | None:
+        """Local samples, from telemetry or the birth's capabilities."""
+        if self.telemetry is not None:
+            return self.telemetry.samples
+        n = self.capabilities.get("samples")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+    @property
+    def link_kbps(self) -> float | None:
+        return self.telemetry.link_kbps if self.telemetry is not None else None
+
+    def upload_s(self, nbytes: int) -> float:
+        """Seconds the device's link needs for ``nbytes`` (0 if it reports no bandwidth)."""
+        kbps = self.link_kbps
+        return nbytes * 8 / (kbps * 1000.0) if kbps else 0.0
+
+    def energy_j_for(self, cpu_s: float, upload_s: float) -> float:
+        """Energy estimate from CPU time and the device's power model."""
+        p = self.power or DEFAULT_POWER
+        return cpu_s * p.compute_w + upload_s * p.radio_w
+
+    def on_battery(self) -> bool:
+        """Runs on a battery that is not charging (the battery floor applies)."""
+        return self.battery_pct is not None and not self.charging
 
 
 class DeviceRegistry:
@@ -53,10 +111,19 @@ class DeviceRegistry:
             rec = self._devices[device_id] = DeviceRecord(device_id)
         return rec
 
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else self._smoothing * new + (1 - self._smoothing) * old
+
+    def _battery(self, rec: DeviceRecord, pct: float | None, charging: bool | None) -> None:
+        rec.battery_pct, rec.charging, rec.battery_at = pct, charging, time.time()
+
+    # -- what devices say -------------------------------------------------------------------------
+
     def on_status(self, device_id: str, status: Status) -> None:
         with self._lock:
             rec = self._get(device_id)
             rec.online = status.state == "online"
+            rec.offline_reason = "" if rec.online else "will"
             rec.status_at = time.time()
             if rec.online:
                 rec.capabilities = dict(status.capabilities)
@@ -65,39 +132,99 @@ class DeviceRegistry:
                 rec.serving_accuracy = status.serving_accuracy
                 rec.serving_seq = status.serving_seq
                 rec.previous_accuracy = status.previous_accuracy
+                try:
+                    rec.power = PowerModel.from_capabilities(status.capabilities)
+                except WireError as e:
+                    log.warning("%s: ignored its power model: %s", device_id, e)
+                    rec.power = None
                 if status.telemetry is not None:
                     # the birth's reading lets a device be scheduled before its first report
-                    rec.telemetry = status.telemetry
-                    rec.telemetry_at = time.time()
+                    self._telemetry(rec, status.telemetry)
             self.changed.notify_all()
+
+    def _telemetry(self, rec: DeviceRecord, telemetry: Telemetry) -> None:
+        rec.telemetry = telemetry
+        rec.telemetry_at = time.time()
+        self._battery(rec, telemetry.battery_percent, telemetry.charging)
 
     def on_telemetry(self, device_id: str, telemetry: Telemetry) -> None:
         with self._lock:
             rec = self._get(device_id)
-            rec.telemetry = telemetry
-            rec.telemetry_at = time.time()
+            self._telemetry(rec, telemetry)
+            if not rec.online and rec.offline_reason == "silent":
+                # it was only quiet; a device whose Will fired comes back with a birth
+                rec.online, rec.offline_reason = True, ""
+                log.info("device %s speaks again", device_id)
             self.changed.notify_all()
+
+    def sweep(self, max_age_s: float) -> list[str]:
+        """Mark devices offline ("silent") whose last telemetry is older than ``max_age_s``."""
+        now = time.time()
+        gone = []
+        with self._lock:
+            for rec in self._devices.values():
+                if rec.online and now - rec.telemetry_at > max_age_s:
+                    rec.online, rec.offline_reason = False, "silent"
+                    gone.append(rec.device_id)
+            if gone:
+                self.changed.notify_all()
+        for device_id in gone:
+            log.info("device %s is silent (no telemetry for %.0f s): offline", device_id, max_age_s)
+        return gone
+
+    # -- rounds -----------------------------------------------------------------------------------
 
     def on_assigned(self, device_ids: list[str]) -> None:
         with self._lock:
             for d in device_ids:
                 self._get(d).rounds_assigned += 1
 
-    def on_update(self, device_id: str, samples_seen: float, train_s: float) -> None:
+    def on_work(
+        self,
+        device_id: str,
+        metrics: dict[str, float],
+        *,
+        payload_bytes: int = 0,
+        turnaround_s: float | None = None,
+        completed: bool = True,
+    ) -> float:
+        """Account for work a device reports (an update, or a reply with what it spent);
+        returns the energy estimate for it, in joules."""
         with self._lock:
             rec = self._get(device_id)
-            rec.rounds_completed += 1
-            if train_s > 0 and samples_seen > 0:
-                sps = samples_seen / train_s
-                a = self._smoothing
-                rec.throughput_sps = (
-                    sps if rec.throughput_sps is None else a * sps + (1 - a) * rec.throughput_sps
-                )
+            if completed:
+                rec.rounds_completed += 1
+            train_s = metrics.get("train_s", 0.0)
+            seen = metrics.get("samples_seen", 0.0)
+            if train_s > 0 and seen > 0:
+                rec.throughput_sps = self._smooth(rec.throughput_sps, seen / train_s)
+            upload_s = rec.upload_s(payload_bytes)
+            if turnaround_s is not None and train_s > 0:
+                latency = max(0.0, turnaround_s - train_s - upload_s)
+                rec.latency_s = self._smooth(rec.latency_s, latency)
+            if "battery_pct" in metrics:
+                self._battery(rec, metrics["battery_pct"], metrics.get("charging", 0.0) > 0)
+            energy = rec.energy_j_for(max(0.0, metrics.get("cpu_s", 0.0)), upload_s)
+            rec.energy_j += energy
+            return energy
+
+    def on_update(self, device_id: str, samples_seen: float, train_s: float) -> None:
+        self.on_work(device_id, {"samples_seen": samples_seen, "train_s": train_s})
+
+    def on_declined(self, device_id: str, reason: str) -> None:
+        """A device refused a task: a matter of policy (its battery), not of reliability."""
+        with self._lock:
+            rec = self._get(device_id)
+            rec.declines += 1
+            rec.last_decline = reason
+            rec.rounds_assigned = max(0, rec.rounds_assigned - 1)
 
     def on_missed(self, device_ids: list[str]) -> None:
         with self._lock:
             for d in device_ids:
                 self._get(d).deadlines_missed += 1
+
+    # -- queries --------------------------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceRecord | None:
         with self._lock:
@@ -119,6 +246,15 @@ class DeviceRegistry:
         with self._lock:
             rec = self._devices.get(device_id)
             return bool(rec and rec.online)
+
+    def may_return(self, device_id: str, grace_s: float) -> bool:
+        """Online, or offline for less than ``grace_s``: a Will can be a passing blip (a broker
+        restart sends every client's), and a device back within the grace still delivers."""
+        with self._lock:
+            rec = self._devices.get(device_id)
+            if rec is None:
+                return False
+            return rec.online or time.time() - rec.status_at < grace_s
 
     def wait_online(self, count: int, timeout: float) -> int:
         """Block until ``count`` devices are online or ``timeout`` passes; returns how many are."""
@@ -158,4 +294,7 @@ class DeviceRegistry:
                 rec.rounds_assigned = int(d.get("rounds_assigned", 0))
                 rec.rounds_completed = int(d.get("rounds_completed", 0))
                 rec.deadlines_missed = int(d.get("deadlines_missed", 0))
+                rec.declines = int(d.get("declines", 0))
                 rec.throughput_sps = d.get("throughput_sps")
+                rec.latency_s = d.get("latency_s")
+                rec.energy_j = float(d.get("energy_j", 0.0))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from edgefl.aggregation import WeightedSum
 from edgefl.compression import ModelSpec
 from edgefl.messages import Update
+from edgefl.strategies.fednova import NormalisedSum
 
 
 class Duplicate(Exception):
@@ -27,11 +28,15 @@ class RoundResult:
     participants: list[str]
     accepted: dict[str, dict[str, float]]  # device -> its update's metrics
     samples: int
-    closed_by: str  # "all_reported" | "deadline" | "no_one_left"
+    closed_by: str  # "all_reported" | "deadline" | "no_one_left" | "enough" (overcommit)
     uplink_bytes: int
     last_update_s: float = 0.0
     opened_at: float = 0.0
     rejected: Counter[str] = field(default_factory=Counter)
+    # devices that replied instead of updating: device -> "declined" | "late" | "superseded"
+    withdrawn: dict[str, str] = field(default_factory=dict)
+    energy_j: dict[str, float] = field(default_factory=dict)  # device -> estimate for its work
+    effective_steps: float | None = None  # FedNova's tau_eff
 
 
 class Round:
@@ -42,6 +47,11 @@ class Round:
         participants: list[str],
         deadline: float,
         spec: ModelSpec,
+        *,
+        enough: int | None = None,
+        enough_grace: float = 0.0,
+        fednova: bool = False,
+        step_caps: dict[str, int] | None = None,
     ) -> None:
         self.number = number
         self.base_version = base_version
@@ -50,7 +60,16 @@ class Round:
         self.opened_at = time.time()
         self._opened = time.perf_counter()
         self.last_update_s = 0.0  # from opening to the last accepted update
-        self.sum = WeightedSum(spec)
+        # FedNova folds in step-normalised deltas; the steps a device claims are held to what
+        # its task allowed (step_caps), so no one can inflate its weight by claiming fewer
+        self.sum = NormalisedSum(spec) if fednova else WeightedSum(spec)
+        self.step_caps = dict(step_caps or {})
+        self.enough = enough  # close once this many reported (overcommit); None: wait for all
+        self.enough_grace = enough_grace  # ... and the rest had this fraction longer
+        self._enough_at: float | None = None
+        self.withdrawn: dict[str, str] = {}
+        self.energy_j: dict[str, float] = {}
+        self.sent_at: dict[str, float] = {}  # unix time each device's task went out
         self.accepted: dict[str, dict[str, float]] = {}
         self.samples = 0
         self.uplink_bytes = 0
@@ -65,7 +84,14 @@ class Round:
                 raise NotParticipant(update.device_id)
             if update.device_id in self.accepted:
                 raise Duplicate(update.device_id)
-            self.sum.add(update.delta, float(update.num_samples))
+            if update.device_id in self.withdrawn:
+                raise NotParticipant(update.device_id)  # it said it would not report
+            if isinstance(self.sum, NormalisedSum):
+                cap = self.step_caps.get(update.device_id, 10_000_000)
+                steps = min(max(update.metrics.get("steps", cap), 1.0), max(cap, 1))
+                self.sum.add(update.delta, float(update.num_samples), steps)
+            else:
+                self.sum.add(update.delta, float(update.num_samples))
             self.accepted[update.device_id] = update.metrics
             self.samples += update.num_samples
             self.uplink_bytes += payload_bytes
@@ -85,17 +111,59 @@ class Round:
         with self._lock:
             return [d for d in self.participants if d not in self.accepted]
 
+    def withdraw(self, device_id: str, kind: str) -> bool:
+        """A participant replied that it will send no update (declined, gave up); the round
+        stops waiting for it. False if it was not an outstanding participant."""
+        with self._lock:
+            if (
+                device_id not in self.participants
+                or device_id in self.accepted
+                or device_id in self.withdrawn
+            ):
+                return False
+            self.withdrawn[device_id] = kind
+            self.changed.notify_all()
+            return True
+
+    def add_participant(self, device_id: str, step_cap: int = 0) -> None:
+        """A replacement joins the open round."""
+        with self._lock:
+            if device_id not in self.participants:
+                self.participants.append(device_id)
+                if step_cap:
+                    self.step_caps[device_id] = step_cap
+            self.changed.notify_all()
+
+    def add_energy(self, device_id: str, joules: float) -> None:
+        with self._lock:
+            self.energy_j[device_id] = self.energy_j.get(device_id, 0.0) + joules
+
     def wait(self, still_alive, poll_s: float = 0.2) -> str:
-        """Block until every participant reported, the deadline passed, or no one is left who
-        could still report (all the missing went offline). Returns which."""
+        """Block until every participant reported (or replied that it will not), enough did
+        (overcommit), the deadline passed, or no one is left who could still report (all the
+        missing went offline). Returns which."""
         with self._lock:
             while True:
-                if len(self.accepted) == len(self.participants):
+                if len(self.accepted) + len(self.withdrawn) >= len(self.participants):
                     return "all_reported"
+                possible = len(self.participants) - len(self.withdrawn)
                 left = self.deadline - time.time()
+                if self.enough is not None and len(self.accepted) >= min(self.enough, possible):
+                    # the rest get a grace proportional to how long the needed ones took
+                    now = time.time()
+                    if self._enough_at is None:
+                        self._enough_at = now
+                    until = self._enough_at + self.enough_grace * (self._enough_at - self.opened_at)
+                    if now >= until:
+                        return "enough"
+                    left = min(left, until - now)
                 if left <= 0:
                     return "deadline"
-                missing = [d for d in self.participants if d not in self.accepted]
+                missing = [
+                    d
+                    for d in self.participants
+                    if d not in self.accepted and d not in self.withdrawn
+                ]
                 if not any(still_alive(d) for d in missing):
                     return "no_one_left"
                 self.changed.wait(min(left, poll_s))
@@ -117,4 +185,9 @@ class Round:
                 last_update_s=self.last_update_s,
                 opened_at=self.opened_at,
                 rejected=Counter(self.rejected),
+                withdrawn=dict(self.withdrawn),
+                energy_j=dict(self.energy_j),
+                effective_steps=(
+                    self.sum.effective_steps if isinstance(self.sum, NormalisedSum) else None
+                ),
             )

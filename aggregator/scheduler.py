@@ -1,19 +1,66 @@
 """Who works in a round, and how much: the round's plan.
 
-The plan here is the plain one: every eligible device (online, recent telemetry), or a seeded
-random sample of ``rounds.participants`` of them, each given the configured workload.
+Eligible devices are those online with recent telemetry (a silent one is marked offline first)
+whose battery is at or above ``rounds.battery_floor_pct``, or charging, or absent (mains).
+
+``schedule.workload = "uniform"`` gives every participant the [train] workload and the [codec]
+codec: every eligible device, or a seeded random sample of ``rounds.participants`` of them.
+
+``schedule.workload = "adaptive"`` sizes each participant's work to a time budget:
+
+1. budget: the time in which ``budget_quantile`` of the eligible devices could finish the full
+   [train] workload, judged from each one's measured throughput (samples/s of past local
+   training), upload time (update bytes / its link's bandwidth) and latency; at most
+   ``deadline_s / (1 + deadline_slack)``. A fixed ``budget_s`` may replace it.
+2. codec: the least compressed codec of ``schedule.codecs`` whose upload fits in
+   ``upload_share`` of the budget, else the most compressed one.
+3. local steps: as many as its throughput allows in what the budget leaves after upload and
+   latency, between ``min_work_fraction`` and ``max_work_factor`` times the [train] epochs,
+   and no more than ``battery_share`` of the energy its battery holds above the floor
+   (energy = CPU seconds x its power model's watts). A device whose speed is not known yet
+   gets ``probe_epochs``.
+4. participants: every device that can do the minimum, or ``participants`` of them preferring
+   those that worked least, then the most reliable, then those with the most battery.
+5. the round closes at budget x (1 + ``deadline_slack``) (at ``deadline_s`` while probing).
+
+In both modes ``rounds.overcommit`` asks for that fraction more devices than the round needs
+(``Plan.enough``); the round closes once the needed number reported and the others had
+another ``rounds.overcommit_grace`` x the time that took (aggregator/rounds.py). A device that
+declines is replaced by :meth:`Scheduler.replacement` while the round has time left.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from aggregator.registry import DeviceRegistry
-from edgefl.compression import make_codec
-from edgefl.config import AggregatorConfig
-from edgefl.messages import Task
+import numpy as np
+
+from aggregator.registry import DEFAULT_POWER, DeviceRecord, DeviceRegistry
+from edgefl.compression import ModelSpec, WireError, codec_from_config, make_codec
+from edgefl.config import AggregatorConfig, ConfigError
+from edgefl.messages import Task, Update, encode_update
+from edgefl.training import local_steps, samples_for_steps
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = ("uniform", "adaptive")
+
+
+@dataclass
+class Workload:
+    """One device's share of a round."""
+
+    steps: int  # local SGD steps
+    epochs: int  # enough epochs to hold them; the task caps the steps
+    codec: dict[str, Any]
+    predicted_s: float | None = None  # task to update; None while its speed is unknown
+    energy_j: float | None = None
+    probe: bool = False
 
 
 @dataclass
@@ -21,34 +68,285 @@ class Plan:
     participants: list[str]
     tasks: dict[str, Task]  # one per participant
     deadline: float  # unix time
+    # close the round as soon as this many reported (overcommit); None: wait for all
+    enough: int | None = None
+    budget_s: float | None = None  # adaptive: the time each participant's work is sized to
+    step_caps: dict[str, int] = field(default_factory=dict)  # local steps each task allows
+    workloads: dict[str, Workload] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # eligible but not picked: why
 
 
 class Scheduler:
-    def __init__(self, cfg: AggregatorConfig, registry: DeviceRegistry) -> None:
+    def __init__(
+        self, cfg: AggregatorConfig, registry: DeviceRegistry, spec: ModelSpec | None = None
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
+        sc = cfg.schedule
+        if sc.workload not in WORKLOADS:
+            raise ConfigError(f"schedule.workload must be one of {WORKLOADS}, not {sc.workload!r}")
+        if not 0.0 < sc.budget_quantile <= 1.0:
+            raise ConfigError("schedule.budget_quantile must be in (0, 1]")
+        if cfg.rounds.overcommit < 0:
+            raise ConfigError("rounds.overcommit must be >= 0")
+        self.codecs: list[dict[str, Any]] = []
+        for c in sc.codecs or [codec_from_config(cfg.codec).spec()]:
+            try:
+                self.codecs.append(make_codec(c).spec())
+            except WireError as e:
+                raise ConfigError(f"schedule.codecs: {e}") from None
+        self._spec = spec
+        self._bytes: dict[str, int] = {}
+
+    # -- eligibility ------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[DeviceRecord]:
+        rc = self.cfg.rounds
+        self.registry.sweep(rc.telemetry_max_age_s)
+        out = []
+        for r in self.registry.online(rc.telemetry_max_age_s):
+            if r.on_battery() and r.battery_pct < rc.battery_floor_pct:
+                log.debug("%s: battery %.1f%% is under the floor", r.device_id, r.battery_pct)
+                continue
+            out.append(r)
+        return out
 
     def eligible(self) -> list[str]:
+        return [r.device_id for r in self._candidates()]
+
+    def _enough(self, chosen: int) -> int | None:
         rc = self.cfg.rounds
-        return [r.device_id for r in self.registry.online(rc.telemetry_max_age_s)]
+        if rc.overcommit <= 0:
+            return None
+        if rc.participants:
+            return min(rc.participants, chosen)
+        return max(1, math.ceil(chosen / (1 + rc.overcommit)))
+
+    def _want(self) -> int:
+        rc = self.cfg.rounds
+        return math.ceil(rc.participants * (1 + rc.overcommit)) if rc.participants else 0
+
+    # -- the plan ---------------------------------------------------------------------------------
 
     def plan(self, number: int, base_version: int) -> Plan | None:
         """The round's participants and their tasks, or None if no device can take part."""
-        rc = self.cfg.rounds
-        chosen = self.eligible()
-        if not chosen:
+        candidates = self._candidates()
+        if not candidates:
             return None
-        if rc.participants and len(chosen) > rc.participants:
+        if self.cfg.schedule.workload == "adaptive":
+            return self._plan_adaptive(number, base_version, candidates)
+        return self._plan_uniform(number, base_version, candidates)
+
+    def _plan_uniform(self, number: int, base_version: int, records: list[DeviceRecord]) -> Plan:
+        rc, tc = self.cfg.rounds, self.cfg.train
+        chosen = [r.device_id for r in records]
+        want = self._want()
+        if want and len(chosen) > want:
             rng = random.Random(self.cfg.seed * 100_003 + number)
-            chosen = sorted(rng.sample(chosen, rc.participants))
+            chosen = sorted(rng.sample(chosen, want))
         deadline = time.time() + rc.deadline_s
-        task = Task(
+        codec = codec_from_config(self.cfg.codec).spec()
+        task = self._task(number, base_version, tc.epochs, 0, codec, deadline)
+        by_id = {r.device_id: r for r in records}
+        caps = {d: local_steps(by_id[d].samples or 0, tc.epochs, tc.batch_size) for d in chosen}
+        enough = self._enough(len(chosen))
+        return Plan(chosen, {d: task for d in chosen}, deadline, enough, step_caps=caps)
+
+    def _plan_adaptive(
+        self, number: int, base_version: int, records: list[DeviceRecord]
+    ) -> Plan | None:
+        rc, sc = self.cfg.rounds, self.cfg.schedule
+        budget = self._budget(records)
+        sized: dict[str, Workload] = {}
+        left_out: dict[str, str] = {}
+        for r in records:
+            w = self.workload(r, budget)
+            if isinstance(w, str):
+                left_out[r.device_id] = w
+            else:
+                sized[r.device_id] = w
+        for device_id, why in left_out.items():
+            log.info("round %d: %s left out: %s", number, device_id, why)
+        if not sized:
+            return None
+        ranked = self._rank([r for r in records if r.device_id in sized])
+        want = self._want()
+        chosen = sorted(r.device_id for r in (ranked[:want] if want else ranked))
+        for r in ranked[len(chosen) :]:
+            left_out[r.device_id] = "enough participants"
+        probing = budget is None or any(sized[d].probe for d in chosen)
+        round_s = rc.deadline_s if probing else min(rc.deadline_s, budget * (1 + sc.deadline_slack))
+        deadline = time.time() + round_s
+        tasks = {
+            d: self._task(number, base_version, w.epochs, w.steps, w.codec, deadline)
+            for d, w in ((d, sized[d]) for d in chosen)
+        }
+        return Plan(
+            participants=chosen,
+            tasks=tasks,
+            deadline=deadline,
+            enough=self._enough(len(chosen)),
+            budget_s=budget,
+            step_caps={d: sized[d].steps for d in chosen},
+            workloads={d: sized[d] for d in chosen},
+            left_out=left_out,
+        )
+
+    def replacement(
+        self, number: int, base_version: int, deadline: float, exclude: set[str]
+    ) -> tuple[str, Task, int] | None:
+        """Another eligible device for an open round, with work it can finish by ``deadline``;
+        None if there is none or too little time is left."""
+        left = deadline - time.time()
+        records = [r for r in self._candidates() if r.device_id not in exclude]
+        if left <= 0 or not records:
+            return None
+        tc = self.cfg.train
+        for r in self._rank(records):
+            n = r.samples or 0
+            if self.cfg.schedule.workload == "adaptive":
+                w = self.workload(r, left / (1 + self.cfg.schedule.deadline_slack))
+                if isinstance(w, str):
+                    continue
+                task = self._task(number, base_version, w.epochs, w.steps, w.codec, deadline)
+                return r.device_id, task, w.steps
+            steps = local_steps(n, tc.epochs, tc.batch_size)
+            predicted = self._predict(r, steps, self.codecs[0])
+            if predicted is not None and predicted > left:
+                continue
+            task = self._task(number, base_version, tc.epochs, 0, self.codecs[0], deadline)
+            return r.device_id, task, steps
+        return None
+
+    # -- sizing -----------------------------------------------------------------------------------
+
+    def workload(self, r: DeviceRecord, budget: float | None) -> Workload | str:
+        """The work ``r`` can do within ``budget`` seconds, or why it can do none."""
+        rc, sc, tc = self.cfg.rounds, self.cfg.schedule, self.cfg.train
+        n = r.samples or 0
+        if n <= 0:
+            return "no local samples"
+        per_epoch = local_steps(n, 1, tc.batch_size)
+        full = tc.epochs * per_epoch
+        most = max(1, math.floor(full * sc.max_work_factor))
+        least = max(1, math.ceil(full * sc.min_work_fraction))
+        sps = r.throughput_sps
+        codec = self._codec_for(r, budget if budget is not None else rc.deadline_s)
+        upload_s = r.upload_s(self.payload_bytes(codec))
+        probe = sps is None or budget is None
+        if probe:
+            steps = min(most, max(least, sc.probe_epochs * per_epoch))
+        else:
+            room_s = budget - upload_s - (r.latency_s or 0.0)
+            steps = min(most, self._steps_in(room_s * sps, n))
+            if steps < least:
+                return f"only {max(steps, 0)} of the {least} steps it must do fit in {budget:.2f} s"
+        if r.on_battery():
+            power = r.power or DEFAULT_POWER
+            above_j = (r.battery_pct - rc.battery_floor_pct) / 100 * power.battery_wh * 3600
+            # spread what is left above the floor over rounds: its data keeps coming, slower
+            room_j = sc.battery_share * above_j - upload_s * power.radio_w
+            speed = sps or self._slowest_sps()
+            if speed and power.compute_w > 0:
+                steps = min(steps, self._steps_in(room_j / power.compute_w * speed, n))
+            if steps < least:
+                return (
+                    f"battery {r.battery_pct:.1f}% leaves room for {max(steps, 0)} of the {least}"
+                    f" steps it must do above the floor of {rc.battery_floor_pct:g}%"
+                )
+        predicted = self._predict(r, steps, codec)
+        samples = samples_for_steps(n, tc.batch_size, steps)
+        energy = r.energy_j_for(samples / sps, upload_s) if sps else None
+        epochs = math.ceil(steps / per_epoch)
+        return Workload(steps, epochs, codec, predicted, energy, probe)
+
+    def _budget(self, records: list[DeviceRecord]) -> float | None:
+        rc, sc, tc = self.cfg.rounds, self.cfg.schedule, self.cfg.train
+        cap = rc.deadline_s / (1 + sc.deadline_slack)
+        if sc.budget_s > 0:
+            return min(sc.budget_s, cap)
+        times = []
+        for r in records:
+            n = r.samples or 0
+            if r.throughput_sps and n > 0:
+                full = local_steps(n, tc.epochs, tc.batch_size)
+                times.append(self._predict(r, full, self.codecs[0]))
+        if not times:
+            return None
+        return min(float(np.quantile(times, sc.budget_quantile)), cap)
+
+    def _predict(self, r: DeviceRecord, steps: int, codec: dict[str, Any]) -> float | None:
+        """Seconds from task to update for ``steps`` local steps; None if its speed is unknown."""
+        if not r.throughput_sps:
+            return None
+        samples = samples_for_steps(r.samples or 0, self.cfg.train.batch_size, steps)
+        return (
+            samples / r.throughput_sps
+            + r.upload_s(self.payload_bytes(codec))
+            + (r.latency_s or 0.0)
+        )
+
+    def _steps_in(self, samples: float, n: int) -> int:
+        """The most local steps that go through at most ``samples`` samples."""
+        if samples <= 0:
+            return 0
+        b = self.cfg.train.batch_size
+        per_epoch = local_steps(n, 1, b)
+        epochs, rest = divmod(samples, n)
+        return int(epochs) * per_epoch + min(per_epoch - 1, int(rest // b))
+
+    def _slowest_sps(self) -> float | None:
+        known = [r.throughput_sps for r in self.registry.online() if r.throughput_sps]
+        return min(known) if known else None
+
+    def _codec_for(self, r: DeviceRecord, budget: float) -> dict[str, Any]:
+        for codec in self.codecs:
+            if r.upload_s(self.payload_bytes(codec)) <= self.cfg.schedule.upload_share * budget:
+                return codec
+        return self.codecs[-1]
+
+    def payload_bytes(self, codec: dict[str, Any]) -> int:
+        """Size of an update envelope with ``codec``, measured on a random delta once."""
+        key = repr(sorted(codec.items()))
+        if key not in self._bytes:
+            if self._spec is None:
+                from edgefl.models import build_model, model_spec
+
+                self._spec = model_spec(build_model(self.cfg.model.name))
+            rng = np.random.default_rng(0)
+            delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self._spec.items()}
+            update = Update("x", 1, 0, 1, delta, {f"m{i}": 0.0 for i in range(16)})
+            self._bytes[key] = len(encode_update(update, make_codec(codec)))
+        return self._bytes[key]
+
+    def _rank(self, records: list[DeviceRecord]) -> list[DeviceRecord]:
+        """Fairness first (fewest rounds so far), then reliability, then battery headroom."""
+
+        def headroom(r: DeviceRecord) -> float:
+            return r.battery_pct if r.on_battery() else 1000.0
+
+        return sorted(
+            records, key=lambda r: (r.rounds_assigned, -r.reliability, -headroom(r), r.device_id)
+        )
+
+    def _task(
+        self,
+        number: int,
+        base_version: int,
+        epochs: int,
+        max_steps: int,
+        codec: dict[str, Any],
+        deadline: float,
+    ) -> Task:
+        tc = self.cfg.train
+        return Task(
             round=number,
             base_version=base_version,
-            epochs=self.cfg.train.epochs,
-            batch_size=self.cfg.train.batch_size,
-            lr=self.cfg.train.lr,
-            codec=make_codec(self.cfg.codec.name).spec(),
+            epochs=epochs,
+            batch_size=tc.batch_size,
+            lr=tc.lr,
+            codec=codec,
             deadline=deadline,
+            max_steps=max_steps,
+            prox_mu=tc.prox_mu,
         )
-        return Plan(chosen, {d: task for d in chosen}, deadline)

@@ -29,15 +29,17 @@ from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
-from aggregator.scheduler import Scheduler
+from aggregator.scheduler import Plan, Scheduler
 from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     AggregatorStatus,
+    Reply,
     Status,
     Telemetry,
     decode_update,
+    is_reply,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
@@ -75,6 +77,20 @@ class RoundMetrics:
     timeline: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    # resource-aware rounds (aggregator/scheduler.py): devices that replied instead of
+    # updating ("declined" / "late" / "superseded"), replacements (declined -> replacement),
+    # the time budget and each participant's workload, and who was left out and why
+    withdrawn: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)
+    budget_s: float | None = None
+    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    # energy estimate per device for this round's work (CPU time x its power model's watts,
+    # plus upload time x radio watts), their sum, and battery levels the devices reported
+    energy_j: float = 0.0
+    energy_by_device: dict[str, float] = field(default_factory=dict)
+    battery_pct: dict[str, float] = field(default_factory=dict)
+    effective_steps: float | None = None  # FedNova's tau_eff
 
 
 class Aggregator:
@@ -95,7 +111,8 @@ class Aggregator:
         self.next_round = 1
         self.strategy = make_strategy(cfg.strategy)
         self.registry = DeviceRegistry()
-        self.scheduler = Scheduler(cfg, self.registry)
+        self.scheduler = Scheduler(cfg, self.registry, self.spec)
+        self._replaced: dict[str, str] = {}  # this round's declined device -> its replacement
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(self.state_dir / CHECKPOINT)
@@ -121,7 +138,9 @@ class Aggregator:
             on_connect=self._on_connect,
             max_inflight=1000,
         )
-        self.broadcast = ModelBroadcast(self.link, self.topics, cfg.model.name)
+        self.broadcast = ModelBroadcast(
+            self.link, self.topics, cfg.model.name, self.spec, cfg.codec
+        )
         self.store = deploy.store_for(cfg.state_dir)
         self.rollout = deploy.Rollout(
             self.link, self.topics, self.registry, cfg.model.name, self.store, cfg.deploy
@@ -179,24 +198,38 @@ class Aggregator:
             log.warning("round %d: no eligible device online; waiting", number)
             self.registry.wait_for(lambda _records: bool(self.scheduler.eligible()), 5.0)
             return None
-        rnd = Round(number, self.version, plan.participants, plan.deadline, self.spec)
+        rnd = Round(
+            number,
+            self.version,
+            plan.participants,
+            plan.deadline,
+            self.spec,
+            enough=plan.enough,
+            enough_grace=self.cfg.rounds.overcommit_grace,
+            fednova=self.cfg.strategy.fednova,
+            step_caps=plan.step_caps,
+        )
+        self._replaced = {}
         with self._round_lock:
             self._round = rnd
         self.registry.on_assigned(plan.participants)
         downlink = 0
         for device_id, task in plan.tasks.items():
             payload = task.to_payload()
+            rnd.sent_at[device_id] = time.time()
             self.link.publish(self.topics.task(device_id), payload, qos=1)
             downlink += len(payload) + self.broadcast.bytes_per_device
         self._publish_status(force=True)
 
-        closed_by = rnd.wait(self.registry.is_online)
+        grace = self.cfg.rounds.offline_grace_s
+        closed_by = rnd.wait(lambda d: self.registry.may_return(d, grace))
         self._closing_at = time.perf_counter()
         with self._round_lock:
             self._round = None
         result = rnd.result(closed_by)
         mean = rnd.sum.mean() if rnd.sum.count else None
-        return self._close(result, mean, started, downlink)
+        metrics = self._close(result, mean, started, downlink, plan)
+        return metrics
 
     def _close(
         self,
@@ -204,15 +237,29 @@ class Aggregator:
         mean: dict[str, np.ndarray] | None,
         started: float,
         downlink: int,
+        plan: Plan | None = None,
     ) -> RoundMetrics:
         rc = self.cfg.rounds
         reported = len(result.accepted)
-        need = max(1, int(np.ceil(rc.quorum * len(result.participants))))
+        # a device that declined was replaced (or could not be): it does not count as asked
+        asked = [d for d in result.participants if result.withdrawn.get(d) != "declined"]
+        need = max(1, int(np.ceil(rc.quorum * len(asked))))
         applied = mean is not None and reported >= need
-        missing = [d for d in result.participants if d not in result.accepted]
-        self.registry.on_missed(missing)
+        missing = [d for d in asked if d not in result.accepted]
+        # those still working when enough others had reported were cut, not late
+        self.registry.on_missed(
+            [
+                d
+                for d in missing
+                if result.withdrawn.get(d) == "late"
+                or (d not in result.withdrawn and result.closed_by != "enough")
+            ]
+        )
         if applied:
-            self.weights = self.strategy.step(self.weights, mean)
+            # the model is what devices will decode from the broadcast (aggregator/broadcast.py)
+            self.weights = self.broadcast.prepare(
+                self.strategy.step(self.weights, mean), self.version + 1, result.number
+            )
             self.version += 1
             set_weights(self.model, self.weights)
         else:
@@ -252,6 +299,7 @@ class Aggregator:
             timeline=_timeline(result),
             rejected=dict(result.rejected),
             missing=missing,
+            **_resource_metrics(result, plan, self._replaced),
         )
         self.history.append(metrics)
         # checkpoint first, publish second: a crash in between must not leave devices holding
@@ -373,6 +421,9 @@ class Aggregator:
         if device_id is None:
             self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}")
             return
+        if is_reply(payload):
+            self._on_reply(device_id, payload)
+            return
         rnd = self._round
         if rnd is None:
             self._reject(device_id, "no_round", "no round is open")
@@ -396,10 +447,50 @@ class Aggregator:
         except NotParticipant:
             self._reject(device_id, "not_participant", f"not asked to work in round {rnd.number}")
             return
-        self.registry.on_update(
-            device_id, update.metrics.get("samples_seen", 0.0), update.metrics.get("train_s", 0.0)
+        sent = rnd.sent_at.get(device_id)
+        energy = self.registry.on_work(
+            device_id,
+            update.metrics,
+            payload_bytes=len(payload),
+            turnaround_s=None if sent is None else time.time() - sent,
         )
+        rnd.add_energy(device_id, energy)
         self._publish_status()
+
+    def _on_reply(self, device_id: str, payload: bytes) -> None:
+        """A device says it sends no update for a task: declined, late, or superseded."""
+        try:
+            reply = Reply.from_payload(payload, topic_device_id=device_id)
+        except WireError as e:
+            self._reject(device_id, e.reason, e.detail)
+            return
+        # what the work cost counts, and tells its speed, even when the round is over
+        energy = self.registry.on_work(device_id, reply.metrics, completed=False)
+        rnd = self._round
+        if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):
+            log.debug("%s: %s for round %d: %s", device_id, reply.kind, reply.round, reply.reason)
+            return
+        rnd.add_energy(device_id, energy)
+        log.info("round %d: %s %s (%s)", rnd.number, device_id, reply.kind, reply.reason)
+        if reply.kind == "declined":
+            self.registry.on_declined(device_id, reply.reason)
+            self._replace(rnd, device_id)
+
+    def _replace(self, rnd: Round, declined: str) -> None:
+        """Ask another eligible device to do the work a participant declined, if time allows."""
+        found = self.scheduler.replacement(
+            rnd.number, rnd.base_version, rnd.deadline, exclude=set(rnd.participants)
+        )
+        if found is None:
+            log.info("round %d: no replacement for %s", rnd.number, declined)
+            return
+        device_id, task, step_cap = found
+        rnd.add_participant(device_id, step_cap)
+        self.registry.on_assigned([device_id])
+        self._replaced[declined] = device_id
+        rnd.sent_at[device_id] = time.time()
+        self.link.publish(self.topics.task(device_id), task.to_payload(), qos=1)
+        log.info("round %d: %s replaces %s", rnd.number, device_id, declined)
 
     def _wake_round(self) -> None:
         rnd = self._round
@@ -467,6 +558,33 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
         total += b - max(a, end)
         end = b
     return total
+
+
+def _resource_metrics(
+    result: RoundResult, plan: Plan | None, replaced: dict[str, str]
+) -> dict[str, Any]:
+    """The round's figures from aggregator/scheduler.py's plan and the devices' replies."""
+    workloads = {}
+    for device_id, w in (plan.workloads if plan else {}).items():
+        workloads[device_id] = {
+            "steps": w.steps,
+            "codec": w.codec.get("name"),
+            "predicted_s": w.predicted_s,
+            "probe": w.probe,
+        }
+    return {
+        "withdrawn": dict(result.withdrawn),
+        "replaced": dict(replaced),
+        "budget_s": plan.budget_s if plan else None,
+        "workloads": workloads,
+        "left_out": dict(plan.left_out) if plan else {},
+        "energy_j": sum(result.energy_j.values()),
+        "energy_by_device": dict(result.energy_j),
+        "battery_pct": {
+            d: m["battery_pct"] for d, m in result.accepted.items() if "battery_pct" in m
+        },
+        "effective_steps": result.effective_steps,
+    }
 
 
 def _timeline(result: RoundResult) -> dict[str, float]:

@@ -26,23 +26,25 @@ import numpy as np
 
 from device import inference
 from device.deployment import DeploymentClient
+from device.model_sync import ModelSync
+from device.profiles import make_hardware
 from device.updates import UpdateEncoder
 from edgefl import __version__
-from edgefl.compression import WireError
+from edgefl.compression import CODECS, WireError
 from edgefl.config import DeviceConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     GlobalModel,
+    Reply,
     Status,
     Task,
     Telemetry,
-    decode_model,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
-from edgefl.telemetry import capabilities, read_system
+from edgefl.telemetry import capabilities
 from edgefl.topics import Topics
-from edgefl.training import train_local
+from edgefl.training import local_steps, samples_for_steps, train_local
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class AgentStats:
     updates_sent: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     train_seconds: float = 0.0
+    replies: dict[str, int] = field(default_factory=dict)  # declined / late / superseded
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -91,7 +94,17 @@ class DeviceAgent:
         self._busy = threading.Event()
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.id}")
-        self._read_telemetry = telemetry or (lambda agent: read_system(len(agent.data)))
+        # the machine, or the device a [profile] simulates: readings, pacing, energy, battery
+        self.hardware = make_hardware(cfg.profile)
+        self._read_telemetry = telemetry or (
+            lambda agent: agent.hardware.telemetry(len(agent.data))
+        )
+        # one piece of work at a time; a newer task stops an older one (see _run_task)
+        self._work_lock = threading.Lock()
+        self._latest_task: tuple[int, float] | None = None
+        self._cancel = threading.Event()
+        self._measured_sps: float | None = None  # this machine's training speed
+        self._last_payload_bytes = 0
         self._stop = threading.Event()
         self._telemetry_thread: threading.Thread | None = None
         self._http = None  # the optional local inference endpoint
@@ -103,7 +116,17 @@ class DeviceAgent:
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
         self.link.subscribe(self.topics.task(self.id), self._on_task)
-        self.link.subscribe(self.topics.model_global, self._on_model)
+        # the global model: in full from model/global, or as deltas from model/delta
+        self.sync = ModelSync(
+            self.link,
+            self.topics,
+            self.spec,
+            cfg.model.name,
+            self.id,
+            held=lambda: self.global_model,
+            adopt=self._on_model,
+            reject=self.stats.reject,
+        )
         # the deployed ONNX model: fetched, verified, served, reported in the status
         self.deployment = DeploymentClient(
             self.link,
@@ -133,6 +156,7 @@ class DeviceAgent:
     def stop(self) -> None:
         """Say goodbye (retained ``offline``), then disconnect."""
         self._stop.set()
+        self._cancel.set()  # work in progress (a simulated device's wait) ends now
         if self._http is not None:
             self._http.shutdown()
         if self.link.connected.is_set():
@@ -147,6 +171,7 @@ class DeviceAgent:
     def crash(self) -> None:
         """Drop the connection the way a power cut would: no goodbye, so the Will fires."""
         self._stop.set()
+        self._cancel.set()
         self.link.abort()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -167,11 +192,15 @@ class DeviceAgent:
         self._publish_birth()
 
     def _publish_birth(self) -> None:
-        caps = capabilities() | {
-            "samples": len(self.data),
-            "model": self.cfg.model.name,
-            "codecs": ["dense_fp32", "fp16"],
-        }
+        caps = (
+            capabilities()
+            | {
+                "samples": len(self.data),
+                "model": self.cfg.model.name,
+                "codecs": sorted(CODECS),
+            }
+            | self.hardware.capabilities()  # the power model, for the scheduler's estimates
+        )
         try:
             reading = self._read_telemetry(self)
         except Exception:
@@ -192,13 +221,8 @@ class DeviceAgent:
         """The health figure a rollout judges: the served model's accuracy on local data."""
         return float((server.predict(self.data.X) == self.data.y).mean())
 
-    def _on_model(self, _topic: str, payload: bytes) -> None:
-        try:
-            msg = decode_model(payload, spec=self.spec, model=self.cfg.model.name)
-        except WireError as e:
-            self.stats.reject(e.reason)
-            log.warning("%s: ignored global model: %s", self.id, e)
-            return
+    def _on_model(self, msg: GlobalModel) -> None:
+        """A checked global model from ModelSync (in full, or rebuilt from a delta)."""
         with self._lock:
             # Equal: a retained copy of what we hold (re-sent on every resubscribe). Any other
             # version replaces ours, lower ones included: an aggregator that was reset starts
@@ -233,9 +257,17 @@ class DeviceAgent:
                 log.info("%s: task for round %d arrived after its deadline", self.id, task.round)
                 return
             self._seen_tasks.append(key)
+            # newer work supersedes whatever is still in progress (its round has closed)
+            self._latest_task = key
+            self._cancel.set()
             if task.base_version != self.model_version:
                 self._pending = task  # the model it builds on is on its way
-                return
+                want = task.base_version
+            else:
+                want = None
+        if want is not None:
+            self.sync.want(want)
+            return
         self._submit(task)
 
     def _submit(self, task: Task) -> None:
@@ -249,14 +281,23 @@ class DeviceAgent:
     def _run_task(self, task: Task) -> None:
         if self._stop.is_set():
             return
-        try:
-            self._train_and_publish(task)
-        except Exception:
-            log.exception("%s: round %d failed", self.id, task.round)
+        with self._work_lock:
+            with self._lock:
+                if self._latest_task not in (None, (task.round, task.issued)):
+                    return  # a newer task came before this one started
+                self._cancel = threading.Event()
+            try:
+                self._train_and_publish(task)
+            except Exception:
+                log.exception("%s: round %d failed", self.id, task.round)
 
     def _train_and_publish(self, task: Task) -> None:
         base = self.global_model
         if base is None or base.version != task.base_version:
+            return
+        refusal = self._refusal(task)
+        if refusal is not None:
+            self._reply(task, "declined", refusal)
             return
         self._busy.set()
         started_at = time.time()
@@ -271,7 +312,13 @@ class DeviceAgent:
                 lr=task.lr,
                 seed=seed,
                 max_steps=task.max_steps,
+                prox_mu=task.prox_mu,
             )
+            # a simulated device takes its own time (real wall time); None: it gave up
+            paced = self._pace(task, result)
+            if paced is None:
+                return
+            train_s, cpu_s = paced
             payload = self.encoder.encode(
                 task,
                 base,
@@ -280,26 +327,31 @@ class DeviceAgent:
                 {
                     "loss": result.loss,
                     "accuracy": result.accuracy,
-                    "train_s": result.seconds,
-                    "cpu_s": result.cpu_seconds,
+                    "train_s": train_s,
+                    "cpu_s": cpu_s,
                     "steps": float(result.steps),
                     "samples_seen": float(result.samples_seen),
                     # unix times, for the round's timeline (on one machine, one clock)
                     "t_task": self._received_at,
                     "t_start": started_at,
-                    "t_end": started_at + result.seconds,
+                    "t_end": started_at + train_s,
+                    **self._battery_metrics(),
                 },
             )
         finally:
             self._busy.clear()
+        if not self._upload(task, payload):
+            return
         if time.time() > task.deadline:
             log.info(
                 "%s: round %d finished after its deadline; update not sent", self.id, task.round
             )
+            self._reply(task, "late", "finished after the deadline", {"cpu_s": cpu_s})
             return
+        self.encoder.commit()  # its error feedback is now the device's (device/updates.py)
         self.link.publish(self.topics.update(self.id), payload, qos=1)
         self.stats.updates_sent += 1
-        self.stats.train_seconds += result.seconds
+        self.stats.train_seconds += train_s
         log.debug(
             "%s: round %d trained %d steps in %.3f s, sent %d bytes",
             self.id,
@@ -308,6 +360,102 @@ class DeviceAgent:
             result.seconds,
             len(payload),
         )
+
+    # -- resources: battery guard, simulated pace, replies ---------------------------------------
+
+    def _refusal(self, task: Task) -> str | None:
+        """Why the task must be declined, or None. The agent never lets work take its battery
+        under its floor unless it is charging, whatever the aggregator believes."""
+        pct, charging = self.hardware.battery()
+        if pct is None or charging:
+            return None
+        n = len(self.data)
+        steps = local_steps(n, task.epochs, task.batch_size, task.max_steps)
+        samples = samples_for_steps(n, task.batch_size, steps)
+        compute_s = self.hardware.predict_compute_s(samples, self._measured_sps) or 0.0
+        nbytes = self._last_payload_bytes or 4 * sum(int(np.prod(s)) for s in self.spec.values())
+        need = self.hardware.percent_of(
+            self.hardware.energy(compute_s, self.hardware.upload_s(nbytes))
+        )
+        floor = self.cfg.battery_floor_pct
+        if pct - need < floor:
+            return (
+                f"battery: {pct:.1f}% would fall to {pct - need:.1f}%, under the floor of "
+                f"{floor:g}%"
+            )
+        return None
+
+    def _pace(self, task: Task, result) -> tuple[float, float] | None:
+        """Take as long as this hardware takes for the training just done, and pay its energy.
+
+        Returns (train_s, cpu_s) on this hardware, or None if the agent gave up (deadline, or
+        a newer task) and sent a reply saying so.
+        """
+        if result.seconds > 0:
+            self._measured_sps = result.samples_seen / result.seconds
+        wall_s, cpu_s = self.hardware.compute(
+            result.samples_seen, result.seconds, result.cpu_seconds
+        )
+        extra = wall_s - result.seconds
+        if extra > 0:
+            started = time.time()
+            left = task.deadline - started
+            superseded = self._cancel.wait(max(0.0, min(extra, left)))
+            if superseded or extra > left:
+                done = result.seconds + (time.time() - started)
+                share = min(1.0, done / wall_s)
+                self.hardware.spend(self.hardware.energy(cpu_s * share, 0.0))
+                self._reply(
+                    task,
+                    "superseded" if superseded else "late",
+                    "a newer task arrived" if superseded else "training would end after deadline",
+                    {
+                        "cpu_s": cpu_s * share,
+                        "train_s": done,
+                        "samples_seen": result.samples_seen * share,
+                    },
+                )
+                return None
+        self.hardware.spend(self.hardware.energy(cpu_s, 0.0))
+        return wall_s, cpu_s
+
+    def _upload(self, task: Task, payload: bytes) -> bool:
+        """Take the time a simulated link needs for ``payload``; False if the agent gave up."""
+        self._last_payload_bytes = len(payload)
+        upload_s = self.hardware.upload_s(len(payload))
+        if upload_s <= 0:
+            return True
+        started = time.time()
+        left = task.deadline - started
+        superseded = self._cancel.wait(max(0.0, min(upload_s, left)))
+        self.hardware.spend(self.hardware.energy(0.0, time.time() - started))
+        if superseded or upload_s > left:
+            self._reply(
+                task,
+                "superseded" if superseded else "late",
+                "a newer task arrived" if superseded else "upload would end after the deadline",
+            )
+            return False
+        return True
+
+    def _battery_metrics(self) -> dict[str, float]:
+        pct, charging = self.hardware.battery()
+        if pct is None:
+            return {}
+        return {"battery_pct": pct, "charging": float(bool(charging))}
+
+    def _reply(
+        self, task: Task, kind: str, reason: str, metrics: dict[str, float] | None = None
+    ) -> None:
+        """Tell the aggregator that no update will come for this task, and why."""
+        if self._stop.is_set():
+            return  # the agent is stopping; its Will or goodbye says enough
+        metrics = {**(metrics or {}), **self._battery_metrics()}
+        reply = Reply(self.id, task.round, kind, reason, metrics)
+        self.stats.replies[kind] = self.stats.replies.get(kind, 0) + 1
+        log.info("%s: round %d %s: %s", self.id, task.round, kind, reason)
+        if self.link.connected.is_set():
+            self.link.publish(self.topics.update(self.id), reply.to_payload(), qos=1)
 
     # -- telemetry ------------------------------------------------------------------------------
 

@@ -1,24 +1,31 @@
 """From a round's training to the bytes of its update envelope.
 
-The update is the delta from the base model the round started from, encoded with the codec the
-task names.
+The update is the delta from the base model the round started from (the model as the device
+holds it, which is exactly the aggregator's: see device/model_sync.py), encoded with the codec
+the task names, in the compact envelope. For a compressing codec the delta goes through error
+feedback first (edgefl/error_feedback.py): clipping, momentum correction, the residual of
+earlier rounds. The new residual is kept only once the agent decides to publish: call
+:meth:`UpdateEncoder.commit` right before publishing, and not at all for an update it drops.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from edgefl.compression import make_codec
-from edgefl.messages import GlobalModel, Task, Update, encode_update
+from edgefl.compression import PackedCodec, flatten, make_codec, unflatten
+from edgefl.error_feedback import FILE_NAME, ErrorFeedback
+from edgefl.messages import GlobalModel, Task, Update, encode_compact_update
 
 
 class UpdateEncoder:
     def __init__(self, device_id: str, state_dir: str | Path) -> None:
         self.device_id = device_id
         self.state_dir = Path(state_dir)
+        self.feedback: ErrorFeedback | None = None  # loaded with the first update
 
     def encode(
         self,
@@ -28,13 +35,35 @@ class UpdateEncoder:
         num_samples: int,
         metrics: dict[str, float],
     ) -> bytes:
-        delta = {k: trained[k] - base.weights[k] for k in base.weights}
+        codec = make_codec(task.codec)
+        spec = {k: tuple(np.shape(v)) for k, v in base.weights.items()}
+        if self.feedback is None or self.feedback.spec != spec:
+            self.feedback = ErrorFeedback(self.state_dir / FILE_NAME, spec)
+        delta = flatten(trained, spec) - flatten(base.weights, spec)
+        if isinstance(codec, PackedCodec):
+            # stochastic rounding, reproducible per device and round
+            seed = hashlib.sha256(f"{self.device_id}/{task.round}/quantize".encode()).digest()
+            data = self.feedback.compress(
+                delta,
+                codec,
+                base_version=task.base_version,
+                round_=task.round,
+                rng=np.random.default_rng(int.from_bytes(seed[:8], "big")),
+            )
+        else:
+            delta = self.feedback.flush(delta, base_version=task.base_version, round_=task.round)
+            data = codec.encode(unflatten(delta, spec))
         update = Update(
             device_id=self.device_id,
             round=task.round,
             base_version=task.base_version,
             num_samples=num_samples,
-            delta=delta,
+            delta={},
             metrics=metrics,
         )
-        return encode_update(update, make_codec(task.codec))
+        return encode_compact_update(update, codec, spec, data)
+
+    def commit(self) -> None:
+        """Keep the error feedback of the update just encoded: it is about to be published."""
+        if self.feedback is not None:
+            self.feedback.commit()

@@ -73,13 +73,43 @@ class TrainConfig:
     lr: float = 0.1
     batch_size: int = 32
     epochs: int = 5
+    # FedProx (Li et al., MLSys 2020): weight mu of the proximal term mu/2 ||w - w_global||^2
+    # added to every device's local loss; 0 turns it off (plain FedAvg local SGD).
+    prox_mu: float = 0.0
 
 
 @dataclass
 class CodecConfig:
-    """How a device encodes its update."""
+    """How devices encode their updates and how the aggregator sends the model
+    (edgefl/compression/, edgefl/error_feedback.py; README, "Update compression")."""
 
+    # dense_fp32 | fp16 | int8 | prune | topk
     name: str = "dense_fp32"
+    # prune: send the values whose magnitude (error feedback included) is at least this
+    threshold: float = 0.01
+    # topk: send this fraction of all values, the largest in magnitude across all tensors
+    fraction: float = 0.01
+    # prune, topk: bits per kept value: 2, 4 or 8 (stochastically rounded levels), 16 or 32
+    bits: int = 8
+    # int8, prune, topk: kept values per quantisation scale; 0 = one scale per tensor
+    block: int = 0
+    # int8, prune, topk: what the codec left out stays on the device and joins the next update
+    error_feedback: bool = True
+    # Deep Gradient Compression: momentum correction (0 = off), local clipping of each delta's
+    # L2 norm (0 = off), and rounds of sparsity warm-up for topk (0 = none)
+    momentum: float = 0.0
+    clip: float = 0.0
+    warmup_rounds: int = 0
+    # a device drops its error feedback when it was built on a model more versions back
+    max_staleness: int = 10
+    # every codec: try zstd on the whole update envelope, keep it only when it is smaller
+    zstd: bool = True
+    # the global model on the downlink: fp32 | fp16 | int8 | delta (the change since the version
+    # devices hold, compressed; a device that lacks that version fetches the full fp32 model)
+    downlink: str = "fp32"
+    # delta: bits per changed value (8, 16 or 32); int8 and delta: values per scale
+    downlink_bits: int = 8
+    downlink_block: int = 64
 
 
 @dataclass
@@ -97,6 +127,51 @@ class RoundsConfig:
     quorum: float = 0.5
     # A device whose telemetry is older than this is not picked.
     telemetry_max_age_s: float = 60.0
+    # A round stops waiting for devices that have been offline (Last Will) this long, rather
+    # than until its deadline; shorter offline spells are often a broker or network blip.
+    offline_grace_s: float = 5.0
+    # A device on battery below this level is not picked unless it is charging.
+    battery_floor_pct: float = 20.0
+    # Pick this fraction more participants than the round needs and close it once the needed
+    # number reported, so that the slowest few do not stall it (0 = wait for everyone) ...
+    overcommit: float = 0.0
+    # ... after waiting for the rest a little longer: this fraction of the time that took.
+    overcommit_grace: float = 0.1
+
+
+@dataclass
+class ScheduleConfig:
+    """How the scheduler sizes each participant's work (aggregator/scheduler.py; README,
+    "Scheduling and battery policy")."""
+
+    # "uniform": every participant gets the [train] workload and the [codec] codec.
+    # "adaptive": each gets the work it can finish within the round's time budget, judged from
+    # its measured throughput, link and battery, and a codec that suits its link.
+    workload: str = "uniform"
+    # The round's time budget is the time in which this fraction of the eligible devices could
+    # finish the full [train] workload (by their measured speed), capped by rounds.deadline_s.
+    budget_quantile: float = 0.5
+    # A fixed time budget per round instead, in seconds (0 = from budget_quantile).
+    budget_s: float = 0.0
+    # A device that is fast enough may do up to this many times the [train] epochs.
+    max_work_factor: float = 2.0
+    # A device that cannot do this fraction of the [train] epochs within the budget (time or
+    # battery) is left out of the round.
+    min_work_fraction: float = 0.1
+    # A device on battery may spend at most this fraction of the energy it holds above the
+    # floor in one round, so that it keeps contributing (less and less) instead of working
+    # flat out until it reaches the floor and then not at all.
+    battery_share: float = 0.2
+    # Work for a device whose speed is not known yet (it has never reported), in epochs.
+    probe_epochs: int = 1
+    # Codecs from least to most compressed (names or specs that make_codec accepts); each
+    # device gets the least compressed one whose upload takes at most upload_share of the
+    # budget, else the most compressed. Empty: [codec] name only.
+    codecs: list[Any] = field(default_factory=list)
+    upload_share: float = 0.3
+    # The round's deadline is budget * (1 + deadline_slack) after it opens, at most
+    # rounds.deadline_s; a round with a device of unknown speed gets rounds.deadline_s.
+    deadline_slack: float = 0.5
 
 
 @dataclass
@@ -109,6 +184,10 @@ class StrategyConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    # FedNova (Wang et al., NeurIPS 2020): divide each update by its number of local steps and
+    # rescale the mean by the average number of steps, so that devices that did more local
+    # work do not pull the model towards their own optimum (useful with adaptive workloads).
+    fednova: bool = False
 
 
 @dataclass
@@ -148,6 +227,7 @@ class AggregatorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
@@ -156,6 +236,31 @@ class AggregatorConfig:
     # Where checkpoints, metrics and the exported ONNX model go.
     state_dir: str = "aggregator-state"
     seed: int = 0
+
+
+@dataclass
+class ProfileConfig:
+    """A device's hardware (device/profiles.py): its power model, and, for a simulated device,
+    its speed, battery and link. A real device reads its battery and load from the machine."""
+
+    # Power model for energy estimates: watts drawn while training and while uploading, and
+    # the battery's capacity (turns energy into battery percent: the drain per unit of work).
+    compute_w: float = 3.0
+    radio_w: float = 1.0
+    battery_wh: float = 10.0
+    # Simulate the rest; simulated slowness and bandwidth take real wall time (the agent sleeps).
+    simulated: bool = False
+    # Training takes this many times as long as on the reference device.
+    slowdown: float = 1.0
+    # The reference device's training speed in samples/s; 0 = this machine's real speed.
+    base_sps: float = 0.0
+    # Battery level at the start; unset = on mains power.
+    battery_pct: float | None = None
+    charging: bool = False
+    # Net power into the battery while charging.
+    charge_w: float = 2.0
+    # Upload bandwidth in kbit/s; 0 = no limit beyond the real network.
+    link_kbps: float = 0.0
 
 
 @dataclass
@@ -172,6 +277,9 @@ class DeviceConfig:
     torch_threads: int = 1
     # local inference over HTTP on 127.0.0.1 (POST /predict); 0 = off
     http_port: int = 0
+    # The agent declines work that would take its battery below this level (unless charging).
+    battery_floor_pct: float = 20.0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -184,6 +292,7 @@ class DemoConfig:
     # Also run one agent alone in its own process, to measure what one real device uses.
     solo_device: bool = True
     runs_dir: str = "runs"
+    telemetry_interval_s: float = 10.0
 
 
 @dataclass
@@ -196,10 +305,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    # Hardware profiles of the simulated fleet: device i gets profiles[i % len(profiles)]
+    # (none: every device is this machine as it is).
+    profiles: list[ProfileConfig] = field(default_factory=list)
     seed: int = 0
 
 
@@ -238,6 +351,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return _convert(options[0], value, where)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} should be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):
@@ -303,4 +421,7 @@ def _toml_value(v: Any) -> str:
         return f'"{escaped}"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table; TOML has no null, so None values are left out
+        items = (f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None)
+        return "{" + ", ".join(items) + "}"
     raise ConfigError(f"cannot write {v!r} as TOML")

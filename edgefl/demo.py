@@ -163,6 +163,7 @@ def run_local(
             train=cfg.train,
             codec=cfg.codec,
             rounds=cfg.rounds,
+            schedule=cfg.schedule,
             strategy=cfg.strategy,
             limits=cfg.limits,
             deploy=cfg.deploy,
@@ -173,7 +174,7 @@ def run_local(
         agg_cfg.rounds.min_devices = n
         agg_path = _write_toml(run_dir / "aggregator.toml", agg_cfg)
         device_paths = {}
-        for device_id in device_ids:
+        for i, device_id in enumerate(device_ids):
             dcfg = DeviceConfig(
                 fleet=cfg.fleet,
                 device_id=device_id,
@@ -181,7 +182,12 @@ def run_local(
                 data=str(run_dir / "data" / f"{device_id}.npz"),
                 model=cfg.model,
                 state_dir=str(run_dir / "devices" / device_id),
+                telemetry_interval_s=cfg.demo.telemetry_interval_s,
+                # the simulated fleet keeps the aggregator's battery floor
+                battery_floor_pct=cfg.rounds.battery_floor_pct,
             )
+            if cfg.profiles:
+                dcfg.profile = cfg.profiles[i % len(cfg.profiles)]
             device_paths[device_id] = _write_toml(run_dir / "devices" / f"{device_id}.toml", dcfg)
 
         env = dict(os.environ, PYTHONUNBUFFERED="1")

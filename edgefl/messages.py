@@ -23,7 +23,15 @@ import msgpack
 import numpy as np
 
 from edgefl.chunking import Blob
-from edgefl.compression import Codec, ModelSpec, WireError, make_codec
+from edgefl.compression import (
+    CODECS_BY_WIRE_ID,
+    Codec,
+    ModelSpec,
+    WireError,
+    make_codec,
+    spec_tag,
+)
+from edgefl.compression.frame import compress_if_smaller, decompress
 from edgefl.config import NAME_RE
 
 FORMAT_VERSION = 1
@@ -196,7 +204,21 @@ def decode_update(
     max_bytes: int = 8 << 20,
     max_samples: int = 10_000_000,
 ) -> Update:
-    """The only way an update gets in: every field checked, or WireError with the reason."""
+    """The only way an update gets in: every field checked, or WireError with the reason.
+
+    Reads both envelopes: the compact one (its first byte is ``COMPACT_MAGIC``) and the
+    MessagePack map of format version 1.
+    """
+    if isinstance(payload, (bytes, bytearray)) and payload[:1] == bytes([COMPACT_MAGIC]):
+        return _decode_compact_update(
+            bytes(payload),
+            topic_device_id=topic_device_id,
+            spec=spec,
+            expect_round=expect_round,
+            expect_base=expect_base,
+            max_bytes=max_bytes,
+            max_samples=max_samples,
+        )
     obj = unpack(payload, max_bytes)
     _check_header(obj, UPDATE_FORMAT)
     what = "update"
@@ -222,6 +244,230 @@ def decode_update(
 
 
 # ---------------------------------------------------------------------------------------------
+# the compact update envelope (device -> aggregator)
+#
+# At 100x compression a whole update is a few hundred bytes, and the map keys, metric names and
+# float64 times of the version 1 envelope would be most of it. The compact envelope carries the
+# same fields by position:
+#
+#   byte 0    COMPACT_MAGIC, 0xC1: a byte MessagePack never uses, so no version 1 map starts so
+#   byte 1    bits 0-3 the compact format version (1); bit 4: the rest is one zstd frame
+#             (edgefl/compression/frame.py: used only when it is smaller); bits 5-7 zero
+#   the rest  a MessagePack array [device, round, base, n, model tag, codec id, metrics,
+#             tensors], optionally followed by a map of metrics the table below does not know
+#
+# The model tag is compression.spec_tag of the model (names and shapes are not sent); the codec
+# id is the codec's wire_id (decoding needs no parameters: a packed payload describes itself);
+# tensors are what the codec encodes. Metrics are packed by the table below: a 16-bit mask of
+# those present, then each in its wire type (a value its type cannot hold goes to the map).
+# Times travel as float32 seconds after a reference sent as unix milliseconds modulo 2**32,
+# which the decoder places within 24 days of its own clock.
+
+COMPACT_MAGIC = 0xC1
+COMPACT_VERSION = 1
+_COMPACT_ZSTD = 0x10
+_COMPACT_FIELDS = ("device", "round", "base", "n", "tag", "codec", "metrics", "tensors", "extra")
+_METRIC_WIRE: tuple[tuple[str, str], ...] = (
+    ("train_s", "f4"),
+    ("samples_seen", "uint"),
+    ("t_task", "time"),
+    ("t_start", "time"),
+    ("t_end", "time"),
+    ("loss", "f2"),
+    ("accuracy", "f2"),
+    ("cpu_s", "f4"),
+    ("steps", "uint"),
+    ("battery_pct", "f2"),
+    ("charging", "uint"),
+)
+_METRIC_BIT = {key: bit for bit, (key, _) in enumerate(_METRIC_WIRE)}
+_TIME_BITS = sum(1 << bit for bit, (_, wire) in enumerate(_METRIC_WIRE) if wire == "time")
+_MS_WRAP = 1 << 32
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _pack_metric(value: float, wire: str, t0_ms: int | None) -> bytes | None:
+    """``value`` in its wire type, or None if that type cannot hold it."""
+    if not math.isfinite(value):
+        return None
+    if wire == "uint":
+        ok = value == int(value) and 0 <= value <= 2**53
+        return _varint(int(value)) if ok else None
+    if wire == "time":
+        if t0_ms is None:
+            return None
+        value -= t0_ms / 1000.0
+        wire = "f4"
+    with np.errstate(over="ignore"):  # too large for the type: it goes to the map
+        packed = np.array([value], dtype="<f2" if wire == "f2" else "<f4")
+    return packed.tobytes() if np.isfinite(packed).all() else None
+
+
+def _pack_compact_metrics(metrics: Mapping[str, float]) -> tuple[bytes, dict[str, float]]:
+    """The packed metrics, and those that go to the map instead."""
+    times = [
+        float(metrics[k])
+        for k, wire in _METRIC_WIRE
+        if wire == "time" and k in metrics and math.isfinite(metrics[k]) and metrics[k] >= 0
+    ]
+    t0_ms = math.floor(min(times) * 1000) if times else None
+    mask, parts, extra = 0, [], {}
+    for key, value in metrics.items():
+        bit = _METRIC_BIT.get(key)
+        packed = None if bit is None else _pack_metric(float(value), _METRIC_WIRE[bit][1], t0_ms)
+        if packed is None:
+            extra[key] = float(value)
+        else:
+            mask |= 1 << bit
+    for bit, (key, wire) in enumerate(_METRIC_WIRE):
+        if mask >> bit & 1:
+            parts.append(_pack_metric(float(metrics[key]), wire, t0_ms))
+    head = mask.to_bytes(2, "little")
+    if mask & _TIME_BITS:
+        head += (t0_ms % _MS_WRAP).to_bytes(4, "little")
+    return head + b"".join(parts), extra
+
+
+def _unpack_compact_metrics(blob: Any, now: float) -> dict[str, float]:
+    what = "update metrics"
+    if not isinstance(blob, bytes) or len(blob) < 2:
+        raise WireError("malformed", f"{what} must be bytes holding at least a mask")
+    mask = int.from_bytes(blob[:2], "little")
+    if mask >> len(_METRIC_WIRE):
+        raise WireError("malformed", f"{what}: unknown metrics in the mask ({mask:#06x})")
+    pos, t0 = 2, 0.0
+    if mask & _TIME_BITS:
+        if len(blob) < 6:
+            raise WireError("malformed", f"{what}: no time reference")
+        sent = int.from_bytes(blob[2:6], "little")
+        now_ms = math.floor(now * 1000)
+        t0 = (now_ms + (sent - now_ms + _MS_WRAP // 2) % _MS_WRAP - _MS_WRAP // 2) / 1000.0
+        pos = 6
+    out: dict[str, float] = {}
+    for bit, (key, wire) in enumerate(_METRIC_WIRE):
+        if not mask >> bit & 1:
+            continue
+        if wire == "uint":
+            value = shift = 0
+            for i in range(9):
+                if pos + i >= len(blob):
+                    raise WireError("malformed", f"{what}: truncated at {key!r}")
+                byte = blob[pos + i]
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    pos += i + 1
+                    break
+            else:
+                raise WireError("malformed", f"{what}: {key!r} is not a valid varint")
+            if value > 2**53:
+                raise WireError("malformed", f"{what}: {key!r} is out of range")
+            out[key] = float(value)
+            continue
+        size = 2 if wire == "f2" else 4
+        if pos + size > len(blob):
+            raise WireError("malformed", f"{what}: truncated at {key!r}")
+        value = float(np.frombuffer(blob, "<f2" if wire == "f2" else "<f4", 1, pos)[0])
+        if not math.isfinite(value):
+            raise WireError("malformed", f"{what}: metric {key!r} must be a finite number")
+        out[key] = t0 + value if wire == "time" else value
+        pos += size
+    if pos != len(blob):
+        raise WireError("malformed", f"{what}: {len(blob) - pos} bytes left over")
+    return out
+
+
+def encode_compact_update(
+    update: Update, codec: Codec, spec: ModelSpec, tensors: Any = None
+) -> bytes:
+    """The compact envelope's bytes; ``tensors`` lets a caller pass what it already encoded."""
+    data = tensors if tensors is not None else codec.encode(update.delta)
+    metrics, extra = _pack_compact_metrics(update.metrics)
+    fields: list[Any] = [
+        update.device_id,
+        update.round,
+        update.base_version,
+        update.num_samples,
+        spec_tag(spec),
+        codec.wire_id,
+        metrics,
+        data,
+    ]
+    if extra:
+        fields.append(extra)
+    body = msgpack.packb(fields, use_bin_type=True)
+    framed = compress_if_smaller(body) if codec.zstd else None
+    flags = COMPACT_VERSION | (_COMPACT_ZSTD if framed is not None else 0)
+    return bytes([COMPACT_MAGIC, flags]) + (framed if framed is not None else body)
+
+
+def _decode_compact_update(
+    payload: bytes,
+    *,
+    topic_device_id: str,
+    spec: ModelSpec,
+    expect_round: int | None,
+    expect_base: int | None,
+    max_bytes: int,
+    max_samples: int,
+) -> Update:
+    if len(payload) > max_bytes:
+        raise WireError("too_large", f"{len(payload)} bytes, the limit is {max_bytes}")
+    if len(payload) < 3:
+        raise WireError("malformed", "a compact update of less than 3 bytes")
+    flags = payload[1]
+    if flags & ~(0x0F | _COMPACT_ZSTD):
+        raise WireError("malformed", f"reserved flag bits set in a compact update ({flags:#04x})")
+    if flags & 0x0F != COMPACT_VERSION:
+        raise WireError(
+            "version", f"compact format version {flags & 0x0F}, this build reads {COMPACT_VERSION}"
+        )
+    body = payload[2:]
+    if flags & _COMPACT_ZSTD:
+        body = decompress(body, max_bytes)
+    obj = _unpack_any(body, max_bytes)
+    if not isinstance(obj, list) or not 8 <= len(obj) <= len(_COMPACT_FIELDS):
+        raise WireError("malformed", "a compact update must be an array of 8 or 9 fields")
+    fields = dict(zip(_COMPACT_FIELDS, obj, strict=False))
+    what = "update"
+    device_id = _name(fields, "device", what)
+    if device_id != topic_device_id:
+        raise WireError(
+            "device_mismatch", f"envelope says device {device_id!r}, topic says {topic_device_id!r}"
+        )
+    rnd = _count(fields, "round", what)
+    base = _count(fields, "base", what)
+    if expect_round is not None and rnd != expect_round:
+        raise WireError("round", f"update for round {rnd}, the open round is {expect_round}")
+    if expect_base is not None and base != expect_base:
+        raise WireError(
+            "base_version", f"update against model v{base}, the round uses v{expect_base}"
+        )
+    n = _count(fields, "n", what, lo=1, hi=max_samples)
+    if _count(fields, "tag", what, hi=0xFFFF) != spec_tag(spec):
+        raise WireError("shape", "the update is for another model (tensor names or shapes differ)")
+    codec_id = fields["codec"]
+    cls = None if isinstance(codec_id, bool) else CODECS_BY_WIRE_ID.get(codec_id)
+    if cls is None:
+        raise WireError("codec", f"unknown codec id {str(codec_id)[:20]}")
+    metrics = _unpack_compact_metrics(fields["metrics"], time.time())
+    if "extra" in fields:
+        metrics.update(_metrics(fields["extra"], what))
+    if len(metrics) > MAX_METRICS:
+        raise WireError("malformed", f"{what}: more than {MAX_METRICS} metrics")
+    delta = cls().decode(fields["tensors"], spec)
+    return Update(device_id, rnd, base, n, delta, metrics, {"name": cls.name})
+
+
+# ---------------------------------------------------------------------------------------------
 # the global model (aggregator -> devices, retained)
 
 
@@ -232,26 +478,30 @@ class GlobalModel:
     model: str
     weights: dict[str, np.ndarray]
     sha256: str = ""
+    # the aggregator sends each next version as a delta on model/delta (devices that hold this
+    # one may stop reading model/global; see device/model_sync.py)
+    deltas: bool = False
 
 
-def encode_model(msg: GlobalModel, codec: Codec) -> bytes:
-    body = msgpack.packb(codec.encode(msg.weights), use_bin_type=True)
+def encode_model(msg: GlobalModel, codec: Codec, data: Any = None) -> bytes:
+    """The model message; ``data`` lets a caller pass the weights it has already encoded."""
+    body = msgpack.packb(data if data is not None else codec.encode(msg.weights), use_bin_type=True)
     digest = hashlib.sha256(body).hexdigest()
     msg.sha256 = digest
-    return msgpack.packb(
-        {
-            "fmt": MODEL_FORMAT,
-            "v": FORMAT_VERSION,
-            "version": msg.version,
-            "round": msg.round,
-            "model": msg.model,
-            "codec": codec.spec(),
-            "sha256": digest,
-            "body": body,
-            "ts": time.time(),
-        },
-        use_bin_type=True,
-    )
+    obj = {
+        "fmt": MODEL_FORMAT,
+        "v": FORMAT_VERSION,
+        "version": msg.version,
+        "round": msg.round,
+        "model": msg.model,
+        "codec": codec.spec(),
+        "sha256": digest,
+        "body": body,
+        "ts": time.time(),
+    }
+    if msg.deltas:
+        obj["deltas"] = True
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def decode_model(payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20):
@@ -268,12 +518,95 @@ def decode_model(payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int 
     digest = _get(obj, "sha256", str, what)
     if hashlib.sha256(body).hexdigest() != digest:
         raise WireError("checksum", "SHA-256 of the model body does not match")
+    deltas = obj.get("deltas", False)
+    if not isinstance(deltas, bool):
+        raise WireError("malformed", f"{what}: 'deltas' must be true or false")
     codec = make_codec(obj.get("codec"))
     records = _unpack_any(body, max_bytes)
-    if not isinstance(records, list):
+    if not isinstance(records, (list, bytes)):  # records, or one packed payload
         raise WireError("malformed", "model body is not a list of tensors")
     weights = codec.decode(records, spec)
-    return GlobalModel(version, rnd, name, weights, digest)
+    return GlobalModel(version, rnd, name, weights, digest, deltas)
+
+
+MODEL_DELTA_FORMAT = "edgefl.model_delta"
+
+
+def weights_digest(weights: Mapping[str, np.ndarray], spec: ModelSpec) -> str:
+    """SHA-256 of the weights as little-endian float32 in spec order: the model's identity."""
+    h = hashlib.sha256()
+    for name in spec:
+        h.update(np.ascontiguousarray(weights[name], dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def apply_delta(
+    base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``base + delta`` in float32: the one computation the aggregator and every device share,
+    so that both arrive at bit-identical weights."""
+    return {k: (np.asarray(base[k], dtype=np.float32) + delta[k]).astype(np.float32) for k in base}
+
+
+@dataclass
+class ModelDelta:
+    """The change from global model ``base`` to ``version`` (aggregator -> devices, on
+    model/delta, QoS 1, not retained).
+
+    ``target_sha256`` is :func:`weights_digest` of the model it leads to: a device that applied
+    it to anything else than the aggregator's ``base`` finds out, and fetches the full model
+    rather than train on weights the aggregator does not have.
+    """
+
+    version: int
+    base: int
+    round: int
+    model: str
+    delta: dict[str, np.ndarray]
+    target_sha256: str
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "dense_fp32"})
+
+
+def encode_model_delta(msg: ModelDelta, codec: Codec, data: Any = None) -> bytes:
+    return msgpack.packb(
+        {
+            "fmt": MODEL_DELTA_FORMAT,
+            "v": FORMAT_VERSION,
+            "version": msg.version,
+            "base": msg.base,
+            "round": msg.round,
+            "model": msg.model,
+            "codec": codec.spec(),
+            "target": msg.target_sha256,
+            "body": data if data is not None else codec.encode(msg.delta),
+            "ts": time.time(),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_model_delta(
+    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20
+) -> ModelDelta:
+    obj = unpack(payload, max_bytes)
+    _check_header(obj, MODEL_DELTA_FORMAT)
+    what = "model delta"
+    version = _count(obj, "version", what)
+    base = _count(obj, "base", what)
+    if version <= base:
+        raise WireError("malformed", f"{what} from v{base} to v{version}")
+    name = _get(obj, "model", str, what)
+    if name != model:
+        raise WireError("model", f"model delta is for {name[:64]!r}, this device runs {model!r}")
+    target = _get(obj, "target", str, what)
+    if len(target) != 64 or any(c not in "0123456789abcdef" for c in target):
+        raise WireError("malformed", f"{what}: 'target' is not a SHA-256 in hex")
+    codec_spec = obj.get("codec")
+    codec = make_codec(codec_spec)
+    delta = codec.decode(obj.get("body"), spec)
+    return ModelDelta(
+        version, base, _count(obj, "round", what), name, delta, target, _codec_spec(codec_spec)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +642,7 @@ class Task:
     deadline: float  # unix time by which the update must have arrived
     max_steps: int = 0  # 0 = no cap beyond the epochs
     issued: float = field(default_factory=time.time)
+    prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
 
     def to_payload(self) -> bytes:
         return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
@@ -331,6 +665,7 @@ class Task:
             deadline=_number(obj, "deadline", what, 0.0),
             max_steps=_count(obj, "max_steps", what, 0, 10_000_000) if "max_steps" in obj else 0,
             issued=_number(obj, "issued", what, 0.0),
+            prox_mu=_number(obj, "prox_mu", what, 0.0, 100.0) if "prox_mu" in obj else 0.0,
         )
 
 
@@ -532,3 +867,100 @@ class Deployment:
         )
         dep.blob.check(max_bytes)
         return dep
+
+
+# ---------------------------------------------------------------------------------------------
+# resource-aware rounds: a device's power model, and its replies other than an update
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """What a device draws, for energy estimates; carried in its birth as capabilities.power."""
+
+    compute_w: float  # while training
+    radio_w: float  # while uploading
+    battery_wh: float  # battery capacity (what turns joules into battery percent)
+
+    @classmethod
+    def from_capabilities(cls, capabilities: Mapping[str, Any]) -> PowerModel | None:
+        """The power model in a birth's capabilities; None if there is none; WireError if bad."""
+        obj = capabilities.get("power")
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise WireError("malformed", "capabilities.power must be an object")
+        what = "power model"
+        return cls(
+            compute_w=_number(obj, "compute_w", what, 0.0, 10_000.0),
+            radio_w=_number(obj, "radio_w", what, 0.0, 10_000.0),
+            battery_wh=_number(obj, "battery_wh", what, 1e-6, 1e6),
+        )
+
+
+REPLY_FORMAT = "edgefl.reply"
+REPLY_KINDS = ("declined", "late", "superseded")
+MAX_REASON = 200
+
+
+def is_reply(payload: bytes) -> bool:
+    """Replies are JSON objects; an update envelope is a MessagePack map, whose first byte is
+    never ``{`` (0x7b would be a bare integer)."""
+    return payload[:1] == b"{"
+
+
+@dataclass
+class Reply:
+    """A device's answer to a task when it sends no update, on its update topic (JSON).
+
+    ``declined``: it refused the work before starting (``reason`` says why: its battery, say);
+    ``late``: it gave up at the task's deadline; ``superseded``: a newer task arrived while it
+    worked. ``metrics`` hold what the work cost so far (cpu_s, train_s, samples_seen, and the
+    battery level), so energy and speed are accounted for even when no update comes.
+    """
+
+    device_id: str
+    round: int
+    kind: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return _dump_json(
+            {
+                "fmt": REPLY_FORMAT,
+                "v": FORMAT_VERSION,
+                "device": self.device_id,
+                "round": self.round,
+                "kind": self.kind,
+                "reason": self.reason[:MAX_REASON],
+                "metrics": self.metrics,
+                "ts": self.ts,
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, topic_device_id: str) -> Reply:
+        obj = _load_json(payload, "reply")
+        _check_header(obj, REPLY_FORMAT)
+        what = "reply"
+        device_id = _name(obj, "device", what)
+        if device_id != topic_device_id:
+            raise WireError(
+                "device_mismatch",
+                f"reply says device {device_id!r}, topic says {topic_device_id!r}",
+            )
+        kind = obj.get("kind")
+        if kind not in REPLY_KINDS:
+            raise WireError("malformed", f"reply kind {str(kind)[:40]!r}")
+        reason = obj.get("reason", "")
+        if not isinstance(reason, str):
+            raise WireError("malformed", "reply reason must be a string")
+        return cls(
+            device_id=device_id,
+            round=_count(obj, "round", what),
+            kind=kind,
+            reason=reason[:MAX_REASON],
+            metrics=_metrics(obj.get("metrics", {}), what),
+            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+        )

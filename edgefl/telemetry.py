@@ -30,21 +30,29 @@ def _cpu_temperature() -> float | None:
     return None
 
 
+def read_battery() -> tuple[float | None, bool | None]:
+    """(percent, charging) from the machine's battery; (None, None) where it has none."""
+    read = getattr(psutil, "sensors_battery", None)
+    if read is None:
+        return None, None
+    try:
+        battery = read()
+    except (OSError, RuntimeError):
+        return None, None
+    if battery is None:
+        return None, None
+    return float(battery.percent), bool(battery.power_plugged)
+
+
 def read_system(samples: int) -> Telemetry:
     """The machine's own readings right now."""
-    battery = None
-    read_battery = getattr(psutil, "sensors_battery", None)
-    if read_battery is not None:
-        try:
-            battery = read_battery()
-        except (OSError, RuntimeError):
-            battery = None
+    battery_percent, charging = read_battery()
     return Telemetry(
         cpu_percent=float(psutil.cpu_percent(interval=None)),
         mem_available_mb=psutil.virtual_memory().available / 2**20,
         samples=samples,
-        battery_percent=float(battery.percent) if battery is not None else None,
-        charging=bool(battery.power_plugged) if battery is not None else None,
+        battery_percent=battery_percent,
+        charging=charging,
         temperature_c=_cpu_temperature(),
     )
 

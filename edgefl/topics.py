@@ -5,6 +5,7 @@ edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0
 edgefl/{fleet}/devices/{id}/task        aggregator -> device  QoS 1
 edgefl/{fleet}/devices/{id}/update      device -> aggregator  QoS 1
 edgefl/{fleet}/model/global             aggregator -> devices QoS 1, retained
+edgefl/{fleet}/model/delta              aggregator -> devices QoS 1 (downlink "delta" only)
 edgefl/{fleet}/model/onnx               aggregator -> devices QoS 1, retained
 edgefl/{fleet}/aggregator/status        aggregator -> all     QoS 1, retained
 """
@@ -56,6 +57,12 @@ class Topics:
     @property
     def model_global(self) -> str:
         return f"{self.root}/model/global"
+
+    @property
+    def model_delta(self) -> str:
+        """The change from one global model version to the next (QoS 1, not retained), when
+        the aggregator's downlink is ``delta`` (aggregator/broadcast.py)."""
+        return f"{self.root}/model/delta"
 
     @property
     def model_onnx(self) -> str:

@@ -443,7 +443,7 @@ def test_nan_and_inf_are_refused(bad, tensor):
     rejected(envelope(delta=delta), "nonfinite")
 
 
-@pytest.mark.parametrize("codec", ["zstd", {"name": "topk"}, {"name": None}, {}, None, 5, [1]])
+@pytest.mark.parametrize("codec", ["zstd", {"name": "sketch"}, {"name": None}, {}, None, 5, [1]])
 def test_unknown_codec(codec):
     rejected(with_fields(codec=codec), "codec")
 

@@ -1,0 +1,169 @@
+"""The hardware a device agent runs on: its readings, how long work takes, what it costs.
+
+Two kinds, one interface, chosen by the ``[profile]`` table of the device's configuration:
+
+- :class:`RealHardware` reads the machine through psutil (battery and temperature where the
+  board has sensors) and adds nothing to the time work takes.
+- :class:`SimulatedHardware` plays a device of another kind on this machine: ``slowdown`` times
+  slower, with a battery that drains with the energy its work uses and may be charging, and an
+  upload link of ``link_kbps``. Slowness and bandwidth take real wall time (the agent sleeps for
+  the extra compute time, and for payload bytes / bandwidth before an upload), so round times,
+  deadlines and stragglers in a simulated fleet are real; only the battery is a model.
+
+Both estimate energy with the same power model (ARCHITECTURE.md leaves it to the profile):
+
+    energy_j = cpu_s * compute_w + upload_s * radio_w
+
+and a battery of ``battery_wh`` loses ``energy_j / (battery_wh * 3600) * 100`` percent for it:
+that is the drain per unit of work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from edgefl.config import ProfileConfig
+from edgefl.messages import PowerModel, Telemetry
+from edgefl.telemetry import read_battery, read_system
+
+
+class Hardware:
+    """The machine as it is (a real device)."""
+
+    simulated = False
+
+    def __init__(self, profile: ProfileConfig) -> None:
+        self.profile = profile
+        self.power = PowerModel(profile.compute_w, profile.radio_w, profile.battery_wh)
+        self._lock = threading.Lock()
+        self.energy_j = 0.0  # spent on work since the agent started
+        self.battery_start_pct, _ = self.battery()
+        # the lowest battery level right after any work done while not charging
+        self.lowest_after_work_pct: float | None = None
+
+    # -- readings -------------------------------------------------------------------------------
+
+    def telemetry(self, samples: int) -> Telemetry:
+        return read_system(samples)
+
+    def battery(self) -> tuple[float | None, bool | None]:
+        """(percent, charging), or (None, None) on mains power or without a sensor."""
+        return read_battery()
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"power": asdict(self.power), "simulated": self.simulated}
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def compute(self, samples: int, real_s: float, real_cpu_s: float) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) that training on ``samples`` takes on this hardware,
+        given what it took on this machine."""
+        return real_s, real_cpu_s
+
+    def predict_compute_s(self, samples: int, measured_sps: float | None) -> float | None:
+        """Seconds that training on ``samples`` will take; None if not known yet."""
+        return samples / measured_sps if measured_sps else None
+
+    def upload_s(self, nbytes: int) -> float:
+        """Extra seconds an upload of ``nbytes`` takes beyond the real network."""
+        return 0.0
+
+    # -- energy ---------------------------------------------------------------------------------
+
+    def energy(self, cpu_s: float, upload_s: float) -> float:
+        return cpu_s * self.power.compute_w + upload_s * self.power.radio_w
+
+    def percent_of(self, joules: float) -> float:
+        """Battery percent that ``joules`` take."""
+        return joules / (self.power.battery_wh * 3600.0) * 100.0
+
+    def spend(self, joules: float) -> None:
+        """Account for work done; a simulated battery drains by it."""
+        with self._lock:
+            self.energy_j += joules
+        pct, charging = self.battery()
+        if pct is not None and not charging:
+            with self._lock:
+                low = self.lowest_after_work_pct
+                self.lowest_after_work_pct = pct if low is None else min(low, pct)
+
+    def report(self) -> dict[str, Any]:
+        """Figures for the agent's statistics at exit."""
+        pct, charging = self.battery()
+        return {
+            "energy_j": self.energy_j,
+            "battery_start_pct": self.battery_start_pct,
+            "battery_pct": pct,
+            "charging": charging,
+            "lowest_after_work_pct": self.lowest_after_work_pct,
+        }
+
+
+RealHardware = Hardware
+
+
+class SimulatedHardware(Hardware):
+    """A device of another kind, played on this machine from its profile."""
+
+    simulated = True
+
+    def __init__(self, profile: ProfileConfig) -> None:
+        if profile.slowdown < 1.0:
+            raise ValueError(f"profile.slowdown must be at least 1, not {profile.slowdown}")
+        if profile.battery_pct is not None and not 0.0 <= profile.battery_pct <= 100.0:
+            raise ValueError(f"profile.battery_pct must be 0-100, not {profile.battery_pct}")
+        if profile.battery_wh <= 0 or profile.base_sps < 0 or profile.link_kbps < 0:
+            raise ValueError("profile.battery_wh must be positive; base_sps, link_kbps >= 0")
+        self._level = profile.battery_pct
+        self._charging = bool(profile.charging) if profile.battery_pct is not None else None
+        self._since = time.monotonic()
+        super().__init__(profile)
+
+    def telemetry(self, samples: int) -> Telemetry:
+        reading = read_system(samples)
+        reading.battery_percent, reading.charging = self.battery()
+        reading.link_kbps = self.profile.link_kbps or None
+        return reading
+
+    def battery(self) -> tuple[float | None, bool | None]:
+        with self._lock:
+            if self._level is None:
+                return None, None
+            now = time.monotonic()
+            if self._charging:
+                gained = self.percent_of(self.profile.charge_w * (now - self._since))
+                self._level = min(100.0, self._level + gained)
+            self._since = now
+            return self._level, self._charging
+
+    def compute(self, samples: int, real_s: float, real_cpu_s: float) -> tuple[float, float]:
+        p = self.profile
+        if p.base_sps > 0:
+            # the simulated device computes at its own pace; never faster than this machine
+            sim = samples * p.slowdown / p.base_sps
+            return max(real_s, sim), max(real_cpu_s, sim)
+        return real_s * p.slowdown, real_cpu_s * p.slowdown
+
+    def predict_compute_s(self, samples: int, measured_sps: float | None) -> float | None:
+        p = self.profile
+        if p.base_sps > 0:
+            return samples * p.slowdown / p.base_sps
+        return samples * p.slowdown / measured_sps if measured_sps else None
+
+    def upload_s(self, nbytes: int) -> float:
+        kbps = self.profile.link_kbps
+        return nbytes * 8 / (kbps * 1000.0) if kbps > 0 else 0.0
+
+    def spend(self, joules: float) -> None:
+        self.battery()  # bring charging up to now first
+        with self._lock:
+            if self._level is not None:
+                self._level = max(0.0, self._level - self.percent_of(joules))
+        super().spend(joules)
+
+
+def make_hardware(profile: ProfileConfig) -> Hardware:
+    return SimulatedHardware(profile) if profile.simulated else Hardware(profile)

@@ -1,0 +1,537 @@
+"""Resource-aware rounds: the registry, the scheduler, device profiles and the battery policy,
+FedNova and FedProx, the reply message; and, over the real broker, the behaviours a user relies
+on: a device under its battery floor is not picked, a device that declines is replaced, a
+device that goes silent (or whose Will fires) is marked offline and left out of the next round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.registry import DeviceRegistry
+from aggregator.rounds import Round
+from aggregator.scheduler import Scheduler
+from device.profiles import Hardware, SimulatedHardware, make_hardware
+from edgefl.aggregation import WeightedSum
+from edgefl.compression import WireError
+from edgefl.config import AggregatorConfig, ConfigError, ProfileConfig, RunConfig, from_dict
+from edgefl.data import Dataset
+from edgefl.messages import (
+    PowerModel,
+    Reply,
+    Status,
+    Task,
+    Telemetry,
+    Update,
+    is_reply,
+)
+from edgefl.models import build_model, get_weights, set_weights
+from edgefl.strategies.fednova import NormalisedSum
+from edgefl.training import local_steps, samples_for_steps, train_local
+from tests.conftest import wait_until
+
+SPEC = {"w": (8, 4), "b": (4,)}
+POWER = PowerModel(compute_w=2.0, radio_w=1.0, battery_wh=1.0)
+
+
+def sim(**kw) -> ProfileConfig:
+    return ProfileConfig(simulated=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# device profiles
+
+
+def test_simulated_compute_takes_the_profiles_time_never_less_than_real():
+    hw = SimulatedHardware(sim(slowdown=4.0, base_sps=1000.0))
+    assert hw.compute(500, 0.1, 0.08) == (2.0, 2.0)  # 500 samples x 4 / 1000 sps
+    assert hw.compute(500, 3.0, 2.5) == (3.0, 2.5)  # this machine was slower still
+    assert hw.predict_compute_s(500, None) == 2.0
+    stretch = SimulatedHardware(sim(slowdown=3.0))  # base_sps 0: stretch the real time
+    assert stretch.compute(100, 0.2, 0.1) == pytest.approx((0.6, 0.3))
+    assert stretch.predict_compute_s(100, 1000.0) == pytest.approx(0.3)
+
+
+def test_simulated_battery_drains_by_energy_and_charges():
+    hw = SimulatedHardware(sim(battery_pct=50.0, battery_wh=0.01, compute_w=2.0, radio_w=1.0))
+    assert hw.energy(cpu_s=3.0, upload_s=2.0) == 8.0
+    hw.spend(3.6)  # 0.01 Wh is 36 J: 10 %
+    pct, charging = hw.battery()
+    assert pct == pytest.approx(40.0) and charging is False
+    assert hw.lowest_after_work_pct == pytest.approx(40.0)
+    hw.spend(1000.0)
+    assert hw.battery()[0] == 0.0  # empty, not negative
+    assert hw.report()["energy_j"] == pytest.approx(1003.6)
+    charger = SimulatedHardware(sim(battery_pct=50.0, battery_wh=0.01, charging=True, charge_w=36))
+    time.sleep(0.05)  # 36 W into 36 J: 100 % per second
+    assert charger.battery()[0] > 53.0
+    charger.spend(1.0)
+    assert charger.lowest_after_work_pct is None  # work while charging cannot break the floor
+
+
+def test_simulated_link_and_telemetry_in_the_common_format():
+    hw = make_hardware(sim(battery_pct=70.0, charging=True, link_kbps=500.0))
+    assert hw.upload_s(62_500) == pytest.approx(1.0)  # 500 kbit/s
+    reading = hw.telemetry(42)
+    assert (reading.samples, reading.charging) == (42, True)
+    assert reading.battery_percent == pytest.approx(70.0, abs=0.1)  # charging slowly
+    assert reading.link_kbps == 500.0
+    assert Telemetry.from_payload(reading.to_payload()) == reading
+    mains = make_hardware(sim())
+    assert mains.battery() == (None, None) and mains.telemetry(1).battery_percent is None
+    assert isinstance(make_hardware(ProfileConfig()), Hardware)
+    assert make_hardware(ProfileConfig()).upload_s(10**6) == 0.0
+    caps = mains.capabilities()
+    assert PowerModel.from_capabilities(caps) == PowerModel(3.0, 1.0, 10.0)
+
+
+@pytest.mark.parametrize("bad", [{"slowdown": 0.5}, {"battery_pct": 120.0}, {"link_kbps": -1}])
+def test_bad_profiles_are_refused(bad):
+    with pytest.raises(ValueError):
+        SimulatedHardware(sim(**bad))
+
+
+def test_run_config_assigns_profiles_from_toml(tmp_path):
+    import tomllib
+
+    cfg = from_dict(
+        RunConfig,
+        tomllib.loads(
+            "[[profiles]]\nsimulated = true\nslowdown = 8\nbattery_pct = 30\n"
+            "[[profiles]]\nsimulated = true\nlink_kbps = 500\n"
+        ),
+    )
+    assert [p.slowdown for p in cfg.profiles] == [8.0, 1.0]
+    assert cfg.profiles[0].battery_pct == 30.0 and cfg.profiles[1].battery_pct is None
+    with pytest.raises(ConfigError, match=r"profiles\[0\]"):
+        from_dict(RunConfig, {"profiles": [{"slowdown": "fast"}]})
+
+
+# ---------------------------------------------------------------------------------------------
+# messages
+
+
+def test_reply_round_trip_and_is_told_from_an_update():
+    reply = Reply("dev-1", 7, "declined", "battery: 21% would fall to 19%", {"battery_pct": 21.0})
+    payload = reply.to_payload()
+    assert is_reply(payload)
+    got = Reply.from_payload(payload, topic_device_id="dev-1")
+    assert (got.device_id, got.round, got.kind, got.reason) == (
+        "dev-1",
+        7,
+        "declined",
+        reply.reason,
+    )
+    assert got.metrics == {"battery_pct": 21.0}
+    from edgefl.compression import DenseCodec
+    from edgefl.messages import encode_update
+
+    update = encode_update(Update("dev-1", 1, 0, 5, {"b": np.zeros(4, np.float32)}), DenseCodec())
+    assert not is_reply(update)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"device": "dev-2"}, "device_mismatch"),
+        ({"kind": "exploded"}, "malformed"),
+        ({"round": -1}, "malformed"),
+        ({"metrics": {"cpu_s": "lots"}}, "malformed"),
+        ({"reason": 5}, "malformed"),
+        ({"v": 2}, "version"),
+        ({"fmt": "edgefl.update"}, "malformed"),
+    ],
+)
+def test_hostile_replies_are_refused(change, reason):
+    obj = json.loads(Reply("dev-1", 3, "late", "x").to_payload()) | change
+    with pytest.raises(WireError) as e:
+        Reply.from_payload(json.dumps(obj).encode(), topic_device_id="dev-1")
+    assert e.value.reason == reason
+
+
+def test_power_model_from_capabilities_is_validated():
+    assert PowerModel.from_capabilities({}) is None
+    with pytest.raises(WireError):
+        PowerModel.from_capabilities({"power": {"compute_w": -1, "radio_w": 1, "battery_wh": 1}})
+    with pytest.raises(WireError):
+        PowerModel.from_capabilities({"power": "lots"})
+
+
+def test_task_carries_the_proximal_term():
+    task = Task(1, 0, 2, 32, 0.1, {"name": "fp16"}, time.time() + 5, max_steps=7, prox_mu=0.01)
+    got = Task.from_payload(task.to_payload())
+    assert (got.max_steps, got.prox_mu, got.codec) == (7, 0.01, {"name": "fp16"})
+
+
+# ---------------------------------------------------------------------------------------------
+# FedNova and FedProx
+
+
+def test_fednova_normalises_by_local_steps():
+    rng = np.random.default_rng(0)
+    d1 = {k: rng.normal(size=s).astype(np.float32) for k, s in SPEC.items()}
+    d2 = {k: rng.normal(size=s).astype(np.float32) for k, s in SPEC.items()}
+    nova = NormalisedSum(SPEC)
+    nova.add(d1, 30, steps=2)
+    nova.add(d2, 10, steps=10)
+    p1, p2 = 0.75, 0.25
+    tau_eff = p1 * 2 + p2 * 10
+    assert nova.effective_steps == pytest.approx(tau_eff)
+    for k in SPEC:
+        expected = tau_eff * (p1 * d1[k] / 2 + p2 * d2[k] / 10)
+        np.testing.assert_allclose(nova.mean()[k], expected, rtol=1e-6, atol=1e-7)
+    # with equal steps everywhere it is FedAvg
+    same, plain = NormalisedSum(SPEC), WeightedSum(SPEC)
+    for d, n in ((d1, 30), (d2, 10)):
+        same.add(d, n, steps=4)
+        plain.add(d, n)
+    for k in SPEC:
+        np.testing.assert_allclose(same.mean()[k], plain.mean()[k], rtol=1e-6)
+
+
+def test_a_round_with_fednova_holds_claimed_steps_to_the_task():
+    rnd = Round(1, 0, ["a", "b"], time.time() + 5, SPEC, fednova=True, step_caps={"a": 4})
+    ones = {k: np.ones(s, np.float32) for k, s in SPEC.items()}
+    # "a" claims 0.001 steps to blow its delta up; it is held to at least 1 and at most 4
+    rnd.offer(Update("a", 1, 0, 10, ones, {"steps": 0.001}), 100)
+    rnd.offer(Update("b", 1, 0, 10, ones, {"steps": 2.0}), 100)
+    assert rnd.sum.effective_steps == pytest.approx(1.5)
+    np.testing.assert_allclose(rnd.sum.mean()["b"], 1.5 * (0.5 / 1 + 0.5 / 2))
+
+
+def test_fedprox_keeps_local_training_near_the_global_model(digits):
+    train, _ = digits
+    data = Dataset(train.X[:200], train.y[:200])
+    start = get_weights(build_model("mlp_digits", seed=0))
+
+    def drift(mu: float) -> float:
+        model = build_model("mlp_digits")
+        set_weights(model, start)
+        train_local(model, data, epochs=5, batch_size=16, lr=0.2, seed=1, prox_mu=mu)
+        return sum(float(np.sum((w - start[k]) ** 2)) for k, w in get_weights(model).items())
+
+    assert drift(1.0) < 0.8 * drift(0.0)
+    # mu = 0 is exactly the plain SGD step
+    a, b = build_model("mlp_digits"), build_model("mlp_digits")
+    set_weights(a, start)
+    set_weights(b, start)
+    train_local(a, data, epochs=1, batch_size=32, lr=0.1, seed=3)
+    train_local(b, data, epochs=1, batch_size=32, lr=0.1, seed=3, prox_mu=0.0)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_step_and_sample_counts_match_train_local(digits):
+    train, _ = digits
+    data = Dataset(train.X[:70], train.y[:70])
+    for epochs, batch, cap in [(1, 32, 0), (3, 32, 0), (5, 32, 7), (2, 100, 0), (4, 16, 9)]:
+        result = train_local(
+            build_model("mlp_digits"), data, epochs=epochs, batch_size=batch, lr=0.1, max_steps=cap
+        )
+        steps = local_steps(70, epochs, batch, cap)
+        assert result.steps == steps
+        assert result.samples_seen == samples_for_steps(70, batch, steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and scheduler, without a broker
+
+
+def _device(
+    reg: DeviceRegistry,
+    device_id: str,
+    *,
+    samples: int = 100,
+    sps: float | None = None,
+    battery: float | None = None,
+    charging: bool = False,
+    link_kbps: float | None = None,
+    power: PowerModel = POWER,
+) -> None:
+    reading = Telemetry(
+        cpu_percent=1.0,
+        mem_available_mb=100.0,
+        samples=samples,
+        battery_percent=battery,
+        charging=charging if battery is not None else None,
+        link_kbps=link_kbps,
+    )
+    caps = {"power": dataclasses.asdict(power)}
+    reg.on_status(device_id, Status("online", capabilities=caps, telemetry=reading))
+    if sps is not None:
+        reg.on_work(device_id, {"samples_seen": sps * 2, "train_s": 2.0})
+
+
+def _scheduler(reg: DeviceRegistry, spec=SPEC, **schedule) -> Scheduler:
+    cfg = AggregatorConfig()
+    cfg.schedule.workload = "adaptive"
+    for k, v in schedule.items():
+        target = cfg.rounds if hasattr(cfg.rounds, k) else cfg.schedule
+        setattr(target, k, v)
+    return Scheduler(cfg, reg, spec)
+
+
+def test_adaptive_workloads_fit_the_budget_and_follow_speed():
+    reg = DeviceRegistry()
+    # 100 samples, batch 32: 4 steps per epoch, full work (5 epochs) is 500 samples
+    for i, sps in enumerate([1000.0, 500.0, 250.0, 125.0]):  # full work: 0.5, 1, 2, 4 s
+        _device(reg, f"d{i}", sps=sps)
+    plan = _scheduler(reg, budget_quantile=0.5, deadline_s=60.0).plan(1, 0)
+    assert plan.budget_s == pytest.approx(1.5)  # median of 0.5, 1, 2, 4
+    steps = {d: plan.step_caps[d] for d in plan.participants}
+    # 1.5 s is 1500 samples for d0 (but at most twice the 20 steps of the full work), 750 for
+    # d1 (7 epochs and one batch), 375 for d2, 187 for d3
+    assert steps == {"d0": 40, "d1": 29, "d2": 14, "d3": 6}
+    for d, task in plan.tasks.items():
+        assert task.max_steps == steps[d] and task.epochs == math.ceil(steps[d] / 4)
+        assert plan.workloads[d].predicted_s <= plan.budget_s + 1e-9
+    assert plan.deadline - time.time() == pytest.approx(1.5 * 1.5, abs=0.05)
+    # a device too slow for min_work_fraction of the work sits the round out
+    _device(reg, "snail", sps=5.0)
+    plan = _scheduler(reg, budget_quantile=0.5, deadline_s=60.0).plan(2, 0)
+    assert "snail" not in plan.participants and "fit in" in plan.left_out["snail"]
+
+
+def test_unknown_devices_probe_and_the_round_gets_the_full_deadline():
+    reg = DeviceRegistry()
+    _device(reg, "new")
+    _device(reg, "known", sps=500.0)
+    plan = _scheduler(reg, deadline_s=30.0, probe_epochs=1).plan(1, 0)
+    assert plan.workloads["new"].probe and plan.step_caps["new"] == 4
+    assert not plan.workloads["known"].probe
+    assert plan.deadline - time.time() == pytest.approx(30.0, abs=0.05)
+
+
+def test_slow_links_get_the_more_compressed_codec():
+    reg = DeviceRegistry()
+    _device(reg, "fiber", sps=500.0)
+    _device(reg, "modem", sps=500.0, link_kbps=1000.0)
+    # 10,000 weights: about 40 KB dense (0.32 s at 1,000 kbit/s), 20 KB in fp16 (0.16 s)
+    spec = {"w": (100, 100)}
+    sched = _scheduler(reg, spec, codecs=["dense_fp32", "fp16"], budget_s=1.0, upload_share=0.3)
+    plan = sched.plan(1, 0)
+    assert plan.tasks["fiber"].codec == {"name": "dense_fp32"}
+    assert plan.tasks["modem"].codec == {"name": "fp16"}
+    assert sched.payload_bytes({"name": "fp16"}) < sched.payload_bytes({"name": "dense_fp32"})
+    # the upload's time comes out of the modem's compute time: 420 samples, not 500
+    assert (plan.step_caps["modem"], plan.step_caps["fiber"]) == (16, 20)
+    with pytest.raises(ConfigError):
+        _scheduler(reg, codecs=["no-such-codec"])
+
+
+def test_battery_floor_and_battery_sized_work():
+    reg = DeviceRegistry()
+    _device(reg, "low", sps=500.0, battery=15.0)
+    _device(reg, "low-charging", sps=500.0, battery=15.0, charging=True)
+    _device(reg, "mains", sps=500.0)
+    # 1 Wh = 3600 J, 1 % = 36 J: "near" has 0.36 J above the floor, which at 2 W and 500
+    # samples/s is 90 samples: two batches of 32
+    _device(reg, "near", sps=500.0, battery=20.01)
+    for workload in ("uniform", "adaptive"):
+        sched = _scheduler(reg, workload=workload, battery_floor_pct=20.0, budget_s=1.0)
+        assert sched.eligible() == ["low-charging", "mains", "near"]
+    whole = {"battery_floor_pct": 20.0, "budget_s": 1.0, "battery_share": 1.0}
+    plan = _scheduler(reg, min_work_fraction=0.0, **whole).plan(1, 0)
+    assert plan.step_caps["near"] == 2 and plan.step_caps["mains"] == 20
+    plan = _scheduler(reg, min_work_fraction=0.5, **whole).plan(1, 0)
+    assert "near" not in plan.participants and "battery" in plan.left_out["near"]
+    # spending a fifth of what is above the floor per round: 18 samples, not a single step
+    _device(reg, "fuller", sps=500.0, battery=20.05)  # 1.8 J above: 0.36 J a round, 2 steps
+    plan = _scheduler(reg, battery_floor_pct=20.0, budget_s=1.0, battery_share=0.2).plan(1, 0)
+    assert "near" not in plan.participants and plan.step_caps["fuller"] == 2
+
+
+def test_overcommit_asks_more_and_closes_when_enough_reported():
+    reg = DeviceRegistry()
+    for i in range(10):
+        _device(reg, f"d{i}", sps=500.0)
+    plan = _scheduler(reg, overcommit=0.25, participants=4, budget_s=1.0).plan(1, 0)
+    assert len(plan.participants) == 5 and plan.enough == 4
+    plan = _scheduler(reg, overcommit=0.1, budget_s=1.0).plan(1, 0)
+    assert len(plan.participants) == 10 and plan.enough == 10  # ceil(10 / 1.1)
+    plan = _scheduler(reg, overcommit=0.25, budget_s=1.0).plan(1, 0)
+    assert plan.enough == 8
+    assert _scheduler(reg, workload="uniform", budget_s=1.0).plan(1, 0).enough is None
+
+    ones = {k: np.ones(s, np.float32) for k, s in SPEC.items()}
+    rnd = Round(1, 0, ["a", "b", "c"], time.time() + 5, SPEC, enough=2)
+    rnd.offer(Update("a", 1, 0, 10, ones), 1)
+    rnd.offer(Update("b", 1, 0, 10, ones), 1)
+    assert rnd.wait(lambda _d: True) == "enough"
+    # the rest get a grace of enough_grace times what the needed ones took
+    for late_by, expected in ((0.05, "all_reported"), (None, "enough")):
+        rnd = Round(1, 0, ["a", "b", "c"], time.time() + 5, SPEC, enough=2, enough_grace=1.0)
+        time.sleep(0.2)
+        rnd.offer(Update("a", 1, 0, 10, ones), 1)
+        rnd.offer(Update("b", 1, 0, 10, ones), 1)
+        if late_by is not None:
+            threading.Timer(late_by, rnd.offer, (Update("c", 1, 0, 10, ones), 1)).start()
+        started = time.monotonic()
+        assert rnd.wait(lambda _d: True, poll_s=0.01) == expected
+        assert time.monotonic() - started < (0.15 if late_by else 0.35)
+    # a declined participant is no longer waited for
+    rnd = Round(1, 0, ["a", "b"], time.time() + 5, SPEC)
+    rnd.offer(Update("a", 1, 0, 10, ones), 1)
+    assert rnd.withdraw("b", "declined") and not rnd.withdraw("b", "declined")
+    assert rnd.wait(lambda _d: True) == "all_reported"
+
+
+def test_registry_tracks_silence_throughput_latency_and_reliability():
+    reg = DeviceRegistry(smoothing=0.5)
+    _device(reg, "a")
+    reg.on_work("a", {"samples_seen": 400, "train_s": 2.0}, turnaround_s=2.5)
+    reg.on_work("a", {"samples_seen": 400, "train_s": 1.0, "battery_pct": 40.0, "charging": 0.0})
+    rec = reg.get("a")
+    assert rec.throughput_sps == pytest.approx(300.0)  # 0.5 * 400 + 0.5 * 200
+    assert rec.latency_s == pytest.approx(0.5)
+    assert (rec.battery_pct, rec.charging) == (40.0, False)
+    reg.on_assigned(["a"] * 4)
+    reg.on_missed(["a"])
+    reg.on_declined("a", "battery")
+    assert rec.reliability == pytest.approx(1 - 1 / 3) and rec.declines == 1
+    # silence: offline, back with its next telemetry
+    time.sleep(0.05)
+    assert reg.sweep(max_age_s=0.01) == ["a"]
+    assert not reg.is_online("a") and rec.offline_reason == "silent"
+    reg.on_telemetry("a", Telemetry(1.0, 100.0, 100))
+    assert reg.is_online("a")
+    # a Last Will needs a new birth: late telemetry does not bring the device back
+    reg.on_status("a", Status("offline"))
+    reg.on_telemetry("a", Telemetry(1.0, 100.0, 100))
+    assert not reg.is_online("a") and rec.offline_reason == "will"
+
+
+# ---------------------------------------------------------------------------------------------
+# over the real broker
+
+
+def _adaptive(cfg: AggregatorConfig) -> AggregatorConfig:
+    cfg.schedule.workload = "adaptive"
+    cfg.train.epochs = 1
+    return cfg
+
+
+@pytest.mark.parametrize("workload", ["uniform", "adaptive"])
+def test_a_device_under_its_battery_floor_is_not_picked_unless_charging(make_fleet, workload):
+    fleet = make_fleet(devices=3)
+    fleet.start_agent(0, profile=sim(battery_pct=15.0))
+    fleet.start_agent(1, profile=sim(battery_pct=15.0, charging=True))
+    fleet.start_agent(2)
+    cfg = fleet.aggregator_config(rounds=1, battery_floor_pct=20.0)
+    cfg.schedule.workload = workload
+    with fleet.aggregator(cfg) as agg:
+        (m,) = agg.run()
+    assert m.participants == 2 and m.reported == 2 and m.applied
+    assert fleet.agents["dev-0"].stats.tasks_received == 0
+    assert fleet.agents["dev-1"].stats.updates_sent == 1
+
+
+def test_a_device_that_declines_is_replaced(make_fleet):
+    fleet = make_fleet(devices=3)
+    # The aggregator's floor is 20 %, so dev-0 at 50 % looks fine to it; but dev-0 keeps its own
+    # floor at 60 % and declines. The scheduler prefers the device on mains, then the fuller
+    # battery: dev-1 and dev-0 are asked first, dev-2 is the replacement.
+    fleet.start_agent(0, profile=sim(battery_pct=50.0), battery_floor_pct=60.0)
+    fleet.start_agent(1)
+    fleet.start_agent(2, profile=sim(battery_pct=40.0))
+    cfg = _adaptive(fleet.aggregator_config(rounds=1, participants=2, battery_floor_pct=20.0))
+    with fleet.aggregator(cfg) as agg:
+        (m,) = agg.run()
+        rec = agg.registry.get("dev-0")
+    assert m.withdrawn == {"dev-0": "declined"} and m.replaced == {"dev-0": "dev-2"}
+    assert m.reported == 2 and m.applied and m.closed_by == "all_reported"
+    assert m.missing == []
+    assert rec.declines == 1 and "under the floor of 60%" in rec.last_decline
+    assert rec.reliability == 1.0  # a decline is policy, not unreliability
+    assert fleet.agents["dev-0"].stats.replies == {"declined": 1}
+    assert fleet.agents["dev-0"].hardware.battery()[0] == 50.0  # it did no work
+    assert fleet.agents["dev-2"].stats.updates_sent == 1
+
+
+def test_a_silent_device_is_marked_offline_and_left_out_of_the_next_round(make_fleet):
+    fleet = make_fleet(devices=3)
+    agents = [fleet.start_agent(i, telemetry_interval_s=0.2) for i in range(3)]
+    cfg = fleet.aggregator_config(rounds=2, telemetry_max_age_s=1.0)
+    with fleet.aggregator(cfg) as agg:
+        (m1,) = agg.run(rounds=1)
+        assert m1.participants == 3
+        # dev-2 stays connected (so no Last Will) but says nothing more
+        agents[2]._publish_telemetry = lambda: None
+        time.sleep(1.3)
+        (m2,) = agg.run(rounds=2)[1:]
+        rec = agg.registry.get("dev-2")
+        assert not rec.online and rec.offline_reason == "silent"
+        assert agents[2].link.connected.is_set()
+    assert m2.participants == 2 and m2.reported == 2
+    assert agents[2].stats.tasks_received == 1
+
+
+def test_a_device_whose_will_fires_is_left_out_of_the_next_round(make_fleet):
+    fleet = make_fleet(devices=3)
+    agents = [fleet.start_agent(i) for i in range(3)]
+    with fleet.aggregator(fleet.aggregator_config(rounds=2)) as agg:
+        agg.run(rounds=1)
+        agents[1].crash()
+        wait_until(lambda: not agg.registry.is_online("dev-1"), what="dev-1's Will")
+        agg.cfg.rounds.min_devices = 2  # do not wait for dev-1 to come back
+        (m2,) = agg.run(rounds=2)[1:]
+        assert agg.registry.get("dev-1").offline_reason == "will"
+    assert m2.participants == 2 and m2.reported == 2
+    assert agents[1].stats.tasks_received == 1
+
+
+def test_simulated_devices_take_real_time_report_energy_and_give_up_at_the_deadline(make_fleet):
+    fleet = make_fleet(devices=2)
+    n0 = len(fleet.data[0])
+    # one epoch: dev-0 trains at 2,000 samples/s; dev-1 at 10 samples/s, far past the deadline
+    fleet.start_agent(0, profile=sim(base_sps=2000.0, battery_pct=90.0, battery_wh=0.01))
+    fleet.start_agent(1, profile=sim(base_sps=10.0))
+    cfg = fleet.aggregator_config(rounds=1, deadline_s=1.5)
+    cfg.train.epochs = 1
+    with fleet.aggregator(cfg) as agg:
+        started = time.monotonic()
+        (m,) = agg.run()
+        took = time.monotonic() - started
+        rec0, rec1 = agg.registry.get("dev-0"), agg.registry.get("dev-1")
+        # dev-1 works until the deadline, then says it gave up and what that cost
+        wait_until(lambda: rec1.energy_j > 0, what="dev-1's reply")
+    assert m.reported == 1 and m.missing == ["dev-1"]
+    assert 1.5 <= took < 3.0
+    assert fleet.agents["dev-1"].stats.replies == {"late": 1}
+    assert rec1.deadlines_missed == 1
+    assert rec1.energy_j == pytest.approx(1.5 * 3.0, rel=0.2)  # 1.5 s of CPU at 3 W
+    # dev-0's training took the profile's time, which its measured throughput shows
+    assert rec0.throughput_sps == pytest.approx(2000.0, rel=0.1)
+    assert m.battery_pct["dev-0"] < 90.0
+    # energy estimate: CPU seconds x 3 W (the default power model)
+    assert m.energy_by_device["dev-0"] == pytest.approx(n0 / 2000 * 3.0, rel=0.2)
+
+
+def test_overcommit_closes_without_the_straggler_whose_next_task_supersedes_its_work(make_fleet):
+    fleet = make_fleet(devices=3)
+    fleet.start_agent(0)
+    fleet.start_agent(1)
+    slow = fleet.start_agent(2, profile=sim(base_sps=20.0))  # one epoch takes it many seconds
+    cfg = fleet.aggregator_config(rounds=2, overcommit=0.5)  # 3 asked, 2 needed
+    cfg.train.epochs = 1
+    with fleet.aggregator(cfg) as agg:
+        m1, m2 = agg.run()
+        rec = agg.registry.get("dev-2")
+        # round 2's task made dev-2 drop round 1's work and say so, with what it had cost
+        wait_until(lambda: slow.stats.replies.get("superseded") == 1, what="the superseded reply")
+        wait_until(lambda: rec.throughput_sps is not None, what="dev-2's measured speed")
+    for m in (m1, m2):
+        assert (m.participants, m.reported, m.closed_by) == (3, 2, "enough")
+        assert m.missing == ["dev-2"] and m.applied
+    assert m1.wall_s < 3.0
+    assert rec.deadlines_missed == 0  # cut by overcommit, not late
+    assert rec.throughput_sps == pytest.approx(20.0, rel=0.25)
+    assert rec.energy_j > 0
