@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from edgefl.aggregation import WeightedSum
 from edgefl.compression import ModelSpec
 from edgefl.messages import Update
-from edgefl.strategies.fednova import NormalisedSum
+from edgefl.strategies.fednova import Normalised
 
 
 class Duplicate(Exception):
@@ -52,6 +55,7 @@ class Round:
         enough_grace: float = 0.0,
         fednova: bool = False,
         step_caps: dict[str, int] | None = None,
+        accumulator: WeightedSum | None = None,
     ) -> None:
         self.number = number
         self.base_version = base_version
@@ -60,9 +64,11 @@ class Round:
         self.opened_at = time.time()
         self._opened = time.perf_counter()
         self.last_update_s = 0.0  # from opening to the last accepted update
-        # FedNova folds in step-normalised deltas; the steps a device claims are held to what
-        # its task allowed (step_caps), so no one can inflate its weight by claiming fewer
-        self.sum = NormalisedSum(spec) if fednova else WeightedSum(spec)
+        # the aggregation rule (edgefl/robust.py; the sample-weighted mean by default), within
+        # FedNova's normalisation if asked: the steps a device claims are then held to what its
+        # task allowed (step_caps), so no one can inflate its weight by claiming fewer
+        inner = accumulator if accumulator is not None else WeightedSum(spec)
+        self.sum = Normalised(inner) if fednova else inner
         self.step_caps = dict(step_caps or {})
         self.enough = enough  # close once this many reported (overcommit); None: wait for all
         self.enough_grace = enough_grace  # ... and the rest had this fraction longer
@@ -74,8 +80,36 @@ class Round:
         self.samples = 0
         self.uplink_bytes = 0
         self.rejected: Counter[str] = Counter()
+        # acknowledgements of accepted updates, sent to the broker once the round is
+        # checkpointed: until then the broker holds each update and would redeliver it
+        self._acks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
+
+    def header(self) -> dict:
+        """What a restarted aggregator needs to take this round up again."""
+        return {
+            "number": self.number,
+            "base_version": self.base_version,
+            "participants": self.participants,
+            "deadline": self.deadline,
+            "opened_at": self.opened_at,
+            "enough": self.enough,
+            "enough_grace": self.enough_grace,
+            "step_caps": self.step_caps,
+        }
+
+    def hold_ack(self, ack: Callable[[], None]) -> None:
+        with self._lock:
+            self._acks.append(ack)
+
+    def release_acks(self) -> int:
+        """Acknowledge every accepted update to the broker (after the checkpoint)."""
+        with self._lock:
+            acks, self._acks = self._acks, []
+        for ack in acks:
+            ack()
+        return len(acks)
 
     def offer(self, update: Update, payload_bytes: int) -> None:
         """Fold ``update`` in, exactly once; raises Duplicate or NotParticipant otherwise."""
@@ -86,7 +120,7 @@ class Round:
                 raise Duplicate(update.device_id)
             if update.device_id in self.withdrawn:
                 raise NotParticipant(update.device_id)  # it said it would not report
-            if isinstance(self.sum, NormalisedSum):
+            if isinstance(self.sum, Normalised):
                 cap = self.step_caps.get(update.device_id, 10_000_000)
                 steps = min(max(update.metrics.get("steps", cap), 1.0), max(cap, 1))
                 self.sum.add(update.delta, float(update.num_samples), steps)
@@ -97,6 +131,16 @@ class Round:
             self.uplink_bytes += payload_bytes
             self.last_update_s = time.perf_counter() - self._opened
             self.changed.notify_all()
+
+    @property
+    def effective_steps(self) -> float | None:
+        """FedNova's tau_eff: the sample-weighted mean number of local steps."""
+        return self.sum.effective_steps if isinstance(self.sum, Normalised) else None
+
+    def aggregate(self) -> dict[str, np.ndarray] | None:
+        """The round's combined delta, or None if nothing was accepted."""
+        with self._lock:
+            return self.sum.mean() if self.sum.count else None
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:
@@ -187,7 +231,5 @@ class Round:
                 rejected=Counter(self.rejected),
                 withdrawn=dict(self.withdrawn),
                 energy_j=dict(self.energy_j),
-                effective_steps=(
-                    self.sum.effective_steps if isinstance(self.sum, NormalisedSum) else None
-                ),
+                effective_steps=self.effective_steps,
             )

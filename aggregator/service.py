@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from aggregator import deploy
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
+from aggregator.enrolled import EnrolledDevices
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
@@ -43,6 +45,7 @@ from edgefl.messages import (
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
+from edgefl.robust import make_accumulator
 from edgefl.strategies import make_strategy
 from edgefl.topics import Topics
 from edgefl.training import evaluate
@@ -50,6 +53,8 @@ from edgefl.training import evaluate
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.msgpack"
+OPEN_ROUND = "open-round.json"
+LEDGER_ROUNDS = 1000
 
 
 @dataclass
@@ -125,18 +130,26 @@ class Aggregator:
         self.eval_data = eval_data
         self.on_round = on_round
         self.history: list[RoundMetrics] = []
+        self.ledger: list[dict[str, Any]] = []
         self.rejected: Counter[str] = Counter()
         self._round: Round | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
         self._stopping = threading.Event()
+        self.enrolled = EnrolledDevices(cfg.enrolled_devices)
+        self._strangers: set[str] = set()  # not enrolled, already logged once
         self._resume()
+        # a round that was open when the aggregator stopped is taken up again, before the link
+        # connects: the broker then redelivers the updates that were not acknowledged yet
+        self._reopened = self._reopen_round()
         self.link = MqttLink(
             f"edgefl-{cfg.fleet}-aggregator",
             cfg.broker,
             will=Will(self.topics.aggregator_status, AggregatorStatus("offline").to_payload()),
             on_connect=self._on_connect,
             max_inflight=1000,
+            # an update is acknowledged to the broker only once its round is checkpointed
+            manual_ack=True,
         )
         self.broadcast = ModelBroadcast(
             self.link, self.topics, cfg.model.name, self.spec, cfg.codec
@@ -147,7 +160,7 @@ class Aggregator:
         )
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
-        self.link.subscribe(self.topics.all_devices("update"), self._on_update)
+        self.link.subscribe(self.topics.all_devices("update"), self._on_update, defer_ack=True)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -193,6 +206,8 @@ class Aggregator:
     def run_round(self) -> RoundMetrics | None:
         number = self.next_round
         started = time.perf_counter()
+        if self._reopened is not None:
+            return self._finish_reopened(started)
         plan = self.scheduler.plan(number, self.version)
         if plan is None:
             log.warning("round %d: no eligible device online; waiting", number)
@@ -208,8 +223,10 @@ class Aggregator:
             enough_grace=self.cfg.rounds.overcommit_grace,
             fednova=self.cfg.strategy.fednova,
             step_caps=plan.step_caps,
+            accumulator=self._accumulator(),
         )
         self._replaced = {}
+        _write_json(self.state_dir / OPEN_ROUND, rnd.header())
         with self._round_lock:
             self._round = rnd
         self.registry.on_assigned(plan.participants)
@@ -221,15 +238,64 @@ class Aggregator:
             downlink += len(payload) + self.broadcast.bytes_per_device
         self._publish_status(force=True)
 
+        return self._wait_and_close(rnd, started, downlink, plan)
+
+    def _wait_and_close(
+        self, rnd: Round, started: float, downlink: int, plan: Plan | None
+    ) -> RoundMetrics:
         grace = self.cfg.rounds.offline_grace_s
         closed_by = rnd.wait(lambda d: self.registry.may_return(d, grace))
         self._closing_at = time.perf_counter()
         with self._round_lock:
             self._round = None
         result = rnd.result(closed_by)
-        mean = rnd.sum.mean() if rnd.sum.count else None
+        mean = rnd.aggregate()
         metrics = self._close(result, mean, started, downlink, plan)
+        # the round is checkpointed: the broker may now forget its updates
+        rnd.release_acks()
         return metrics
+
+    def _reopen_round(self) -> Round | None:
+        try:
+            header = json.loads((self.state_dir / OPEN_ROUND).read_text())
+        except (OSError, ValueError):
+            return None
+        if header.get("number") != self.next_round or header.get("base_version") != self.version:
+            return None  # it closed before we stopped; the checkpoint has it
+        rnd = Round(
+            header["number"],
+            header["base_version"],
+            header["participants"],
+            # the updates sent while we were away are redelivered as soon as we connect;
+            # give them, and devices still training, a moment even if the deadline passed
+            max(header["deadline"], time.time() + self.cfg.rounds.offline_grace_s),
+            self.spec,
+            enough=header.get("enough"),
+            enough_grace=header.get("enough_grace", 0.0),
+            fednova=self.cfg.strategy.fednova,
+            step_caps={k: int(v) for k, v in header.get("step_caps", {}).items()},
+            accumulator=self._accumulator(),
+        )
+        rnd.opened_at = header.get("opened_at", rnd.opened_at)
+        self._round = rnd
+        log.info("taking up round %d again (%d participants)", rnd.number, len(rnd.participants))
+        return rnd
+
+    def _finish_reopened(self, started: float) -> RoundMetrics:
+        rnd, self._reopened = self._reopened, None
+        self._replaced = {}
+        self._publish_status(force=True)
+        return self._wait_and_close(rnd, started, 0, None)
+
+    def _accumulator(self):
+        sc = self.cfg.strategy
+        return make_accumulator(
+            sc.aggregation,
+            self.spec,
+            trim=sc.trim_fraction,
+            clip=sc.clip_norm,
+            clip_multiplier=sc.clip_multiplier,
+        )
 
     def _close(
         self,
@@ -255,11 +321,15 @@ class Aggregator:
                 or (d not in result.withdrawn and result.closed_by != "enough")
             ]
         )
+        stepped = self.strategy.step(self.weights, mean) if applied else None
+        if stepped is not None and not all(np.isfinite(w).all() for w in stepped.values()):
+            # the last line of defence: never publish a model that holds NaN or Inf
+            log.error("round %d would make the model non-finite; its updates are discarded",
+                      result.number)
+            applied, stepped = False, None
         if applied:
             # the model is what devices will decode from the broadcast (aggregator/broadcast.py)
-            self.weights = self.broadcast.prepare(
-                self.strategy.step(self.weights, mean), self.version + 1, result.number
-            )
+            self.weights = self.broadcast.prepare(stepped, self.version + 1, result.number)
             self.version += 1
             set_weights(self.model, self.weights)
         else:
@@ -302,6 +372,9 @@ class Aggregator:
             **_resource_metrics(result, plan, self._replaced),
         )
         self.history.append(metrics)
+        self.ledger.append(
+            {"round": result.number, "applied": applied, "devices": sorted(result.accepted)}
+        )
         # checkpoint first, publish second: a crash in between must not leave devices holding
         # a model that a restarted aggregator knows nothing of
         self._checkpoint()
@@ -393,6 +466,9 @@ class Aggregator:
         device_id = self._device_of(topic)
         if device_id is None:
             return
+        if device_id not in self.enrolled:
+            self._stranger(device_id)
+            return
         if not payload:
             return  # a retained status being cleared
         try:
@@ -407,7 +483,7 @@ class Aggregator:
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         device_id = self._device_of(topic)
-        if device_id is None:
+        if device_id is None or device_id not in self.enrolled:
             return
         try:
             telemetry = Telemetry.from_payload(payload)
@@ -416,18 +492,29 @@ class Aggregator:
             return
         self.registry.on_telemetry(device_id, telemetry)
 
-    def _on_update(self, topic: str, payload: bytes) -> None:
+    def _on_update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        rnd = self._round
+        if self._fold(topic, payload, rnd):
+            rnd.hold_ack(ack)  # acknowledged once the round is checkpointed
+        else:
+            ack()  # rejected (and counted), or a reply: nothing to keep
+
+    def _fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
+        """Validate an update and fold it into ``rnd``; True if it was accepted."""
         device_id = self._device_of(topic)
         if device_id is None:
             self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}")
-            return
+            return False
+        if device_id not in self.enrolled:
+            self._stranger(device_id)
+            self._reject(device_id, "not_enrolled", "device is not enrolled")
+            return False
         if is_reply(payload):
             self._on_reply(device_id, payload)
-            return
-        rnd = self._round
+            return False
         if rnd is None:
             self._reject(device_id, "no_round", "no round is open")
-            return
+            return False
         try:
             update = decode_update(
                 payload,
@@ -437,16 +524,22 @@ class Aggregator:
                 expect_base=rnd.base_version,
                 max_bytes=self.cfg.limits.max_update_bytes,
             )
+            biggest = max(float(np.abs(v).max(initial=0.0)) for v in update.delta.values())
+            if biggest > self.cfg.limits.max_delta_abs:
+                raise WireError(
+                    "magnitude", f"a value of {biggest:.3g} (limits.max_delta_abs is "
+                    f"{self.cfg.limits.max_delta_abs:g})"
+                )
             rnd.offer(update, len(payload))
         except WireError as e:
             self._reject(device_id, e.reason, e.detail)
-            return
+            return False
         except Duplicate:
             self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in")
-            return
+            return False
         except NotParticipant:
             self._reject(device_id, "not_participant", f"not asked to work in round {rnd.number}")
-            return
+            return False
         sent = rnd.sent_at.get(device_id)
         energy = self.registry.on_work(
             device_id,
@@ -456,6 +549,13 @@ class Aggregator:
         )
         rnd.add_energy(device_id, energy)
         self._publish_status()
+        return True
+
+    def _stranger(self, device_id: str) -> None:
+        if device_id not in self._strangers:
+            self._strangers.add(device_id)
+            log.warning("ignoring %s: not on the list of enrolled devices (%s)", device_id,
+                        self.enrolled.path)
 
     def _on_reply(self, device_id: str, payload: bytes) -> None:
         """A device says it sends no update for a task: declined, late, or superseded."""
@@ -509,6 +609,8 @@ class Aggregator:
                 "strategy": {"name": self.strategy.name, "state": self.strategy.state()},
                 "registry": self.registry.snapshot(),
                 "rejected": dict(self.rejected),
+                # which device's update went into which round, for the last rounds
+                "ledger": self.ledger[-LEDGER_ROUNDS:],
             },
         )
 
@@ -529,6 +631,8 @@ class Aggregator:
             self.strategy.load_state(state["strategy"]["state"])
         self.registry.restore(state.get("registry", []))
         self.rejected.update(state.get("rejected", {}))
+        self.ledger = list(state.get("ledger", []))
+        self.history = _read_history(self.state_dir / "rounds.jsonl", self.next_round)
         log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
 
     def export(self) -> dict[str, Any]:
@@ -548,6 +652,33 @@ class Aggregator:
     def deploy(self, exported: dict[str, Any]) -> dict[str, Any]:
         """Roll an exported model out to the fleet; see aggregator/deploy.py."""
         return self.rollout.publish(exported["version"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _read_history(path: Path, next_round: int) -> list[RoundMetrics]:
+    """The metrics of the rounds before a restart, from rounds.jsonl."""
+    out: list[RoundMetrics] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    known = {f.name for f in fields(RoundMetrics)}
+    for line in lines:
+        try:
+            m = json.loads(line)
+            if m["round"] < next_round:
+                out.append(RoundMetrics(**{k: v for k, v in m.items() if k in known}))
+        except (ValueError, KeyError, TypeError):
+            continue
+    # a round taken up again after a restart is recorded once: the last record wins
+    by_round = {m.round: m for m in out}
+    return [by_round[r] for r in sorted(by_round)]
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:

@@ -29,7 +29,8 @@ class WeightedSum:
             if np.shape(delta[k]) != acc.shape:
                 raise ValueError(f"delta {k!r} has shape {np.shape(delta[k])}, not {acc.shape}")
         for k, acc in self._sum.items():
-            acc += weight * delta[k]
+            # in float64: numpy keeps float32 for float32 x Python float, which can overflow
+            acc += weight * np.asarray(delta[k], dtype=np.float64)
         self.weight += weight
         self.count += 1
 

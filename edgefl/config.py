@@ -188,6 +188,16 @@ class StrategyConfig:
     # rescale the mean by the average number of steps, so that devices that did more local
     # work do not pull the model towards their own optimum (useful with adaptive workloads).
     fednova: bool = False
+    # How a round's deltas combine (edgefl/robust.py): "mean" (sample-weighted, FedAvg),
+    # "norm_clip", "screened_clip" (drops deltas opposed to the coordinate-wise median, then
+    # clips), "median" or "trimmed_mean". All but mean and a fixed norm_clip keep every delta
+    # of the round in memory.
+    aggregation: str = "mean"
+    # trimmed_mean: fraction of the largest and of the smallest values dropped per coordinate
+    trim_fraction: float = 0.2
+    # norm_clip: a fixed L2 bound for every delta; 0 = clip_multiplier x the round's median norm
+    clip_norm: float = 0.0
+    clip_multiplier: float = 2.0
 
 
 @dataclass
@@ -195,6 +205,10 @@ class LimitsConfig:
     """Limits on what the aggregator accepts from the wire."""
 
     max_update_bytes: int = 8 * 1024 * 1024
+    # Updates with any value larger than this in absolute terms are rejected: a model's
+    # weights move by far less in one round, and an absurd value could push the global model
+    # past what float32 holds.
+    max_delta_abs: float = 1e4
 
 
 @dataclass
@@ -231,6 +245,10 @@ class AggregatorConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    # A file listing the enrolled device ids, one per line (edgefl enroll --registry adds to
+    # it); anything from a device not on it is ignored and counted. Unset: any device the
+    # broker lets in.
+    enrolled_devices: str | None = None
     # Held-out data (.npz with X and y) to evaluate the global model on after every round.
     eval_data: str | None = None
     # Where checkpoints, metrics and the exported ONNX model go.

@@ -131,6 +131,7 @@ def run_local(
     timeout_s: float = 1800.0,
 ) -> RunResult:
     """Run the configured federated training end to end; see the module docstring."""
+    from aggregator.enrolled import add_ids
     from broker import PrivateBroker
     from edgefl.messages import AggregatorStatus
     from edgefl.mqtt import MqttLink
@@ -172,6 +173,9 @@ def run_local(
             seed=cfg.seed,
         )
         agg_cfg.rounds.min_devices = n
+        # the aggregator works with enrolled devices only, as in a deployment
+        add_ids(run_dir / "enrolled-devices.txt", device_ids)
+        agg_cfg.enrolled_devices = str(run_dir / "enrolled-devices.txt")
         agg_path = _write_toml(run_dir / "aggregator.toml", agg_cfg)
         device_paths = {}
         for i, device_id in enumerate(device_ids):

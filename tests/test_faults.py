@@ -100,3 +100,32 @@ def test_a_replayed_update_from_an_earlier_round_is_rejected_as_stale(make_fleet
     assert [m.reported for m in agg.history] == [1, 1]
     assert agg.rejected["round"] == 1
     assert agg.history[1].rejected == {"round": 1}
+
+
+def test_a_device_that_dies_mid_training_comes_back_with_its_state(make_fleet, caplog) -> None:
+    import logging
+
+    from edgefl.error_feedback import FILE_NAME, ErrorFeedback
+    from tests.test_compression_fleet import compressed_config
+
+    fleet = make_fleet(devices=3)
+    agents = [fleet.start_agent(i) for i in range(3)]
+    cfg = compressed_config(fleet, rounds=3)
+    cfg.rounds.offline_grace_s = 1.0
+    state = fleet.tmp / "devices" / "dev-1" / FILE_NAME
+    with fleet.aggregator(cfg) as agg:
+        agg.run(rounds=1)
+        saved = ErrorFeedback(state, agg.spec).state
+        assert saved is not None and saved.round == 1  # the residual of its round-1 update
+        victim = agents[1]
+        # in round 2 it loses power while training
+        victim._train_and_publish = lambda task: (time.sleep(0.2), victim.crash())
+        second = agg.run(rounds=2)[1]
+        assert second.reported == 2 and second.missing == ["dev-1"]
+        with caplog.at_level(logging.INFO, logger="edgefl.error_feedback"):
+            back = fleet.start_agent(1)  # the same device starting again: same state_dir
+            wait_until(lambda: back.model_version == agg.version, what="the model after restart")
+            third = agg.run(rounds=3)[2]
+        assert "error feedback restored" in caplog.text
+    assert third.reported == 3 and third.applied
+    assert back.encoder.feedback.state.round == 3  # round 1's residual carried into round 3

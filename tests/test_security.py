@@ -75,3 +75,29 @@ def test_plain_mqtt_to_the_tls_port_does_not_connect(tls_broker) -> None:
     )
     with pytest.raises(BrokerUnavailable):
         MqttLink("test-plain-on-tls", cfg).start()
+
+
+def test_the_aggregator_ignores_devices_it_has_not_enrolled(make_fleet, broker, tmp_path) -> None:
+    from aggregator.enrolled import add_ids
+    from edgefl.compression import DenseCodec
+    from edgefl.messages import Update, encode_update
+    from tests.conftest import wait_until
+    from tests.test_federation import Scripted
+
+    fleet = make_fleet(devices=1)
+    fleet.start_agent(0)
+    add_ids(tmp_path / "enrolled.txt", ["dev-0"])
+    cfg = fleet.aggregator_config(rounds=1, deadline_s=5.0)
+    cfg.enrolled_devices = str(tmp_path / "enrolled.txt")
+    with fleet.aggregator(cfg) as agg:
+        # a device with a broker account, but not on the aggregator's list
+        stranger = Scripted(broker, "dev-x")
+        try:
+            delta = {k: v * 0 + 1.0 for k, v in agg.weights.items()}
+            stranger.send(encode_update(Update("dev-x", 1, 0, 10, delta), DenseCodec()))
+            wait_until(lambda: agg.rejected["not_enrolled"] == 1, what="the rejection")
+            assert agg.registry.get("dev-x") is None  # its birth was ignored too
+            (m,) = agg.run()
+        finally:
+            stranger.link.stop()
+    assert m.participants == 1 and m.reported == 1

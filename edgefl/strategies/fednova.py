@@ -23,26 +23,26 @@ import numpy as np
 from edgefl.aggregation import WeightedSum
 
 
-class NormalisedSum(WeightedSum):
-    """A streaming weighted sum of step-normalised deltas; ``mean()`` is FedNova's delta.
+class Normalised:
+    """FedNova around any accumulator of one round (the weighted mean, or a robust rule from
+    edgefl/robust.py): deltas go in divided by their steps, and ``mean()`` scales the
+    accumulator's aggregate back by tau_eff."""
 
-    Like :class:`WeightedSum` it holds one running sum the size of the model, and two partial
-    sums merge exactly.
-    """
-
-    def __init__(self, spec: Mapping[str, tuple[int, ...]]) -> None:
-        super().__init__(spec)
+    def __init__(self, inner: WeightedSum) -> None:
+        self.inner = inner
+        self.weight = 0.0
         self.weighted_steps = 0.0  # sum_i n_i tau_i
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float, steps: float = 1.0) -> None:
         if not steps >= 1:
             raise ValueError(f"local steps must be at least 1, got {steps}")
-        super().add({k: np.asarray(v) / steps for k, v in delta.items()}, weight)
+        self.inner.add({k: np.asarray(v) / steps for k, v in delta.items()}, weight)
+        self.weight += weight
         self.weighted_steps += weight * steps
-
-    def merge(self, other: WeightedSum) -> None:
-        super().merge(other)
-        self.weighted_steps += getattr(other, "weighted_steps", float(other.weight))
 
     @property
     def effective_steps(self) -> float:
@@ -50,14 +50,12 @@ class NormalisedSum(WeightedSum):
         return self.weighted_steps / self.weight if self.weight else 0.0
 
     def mean(self) -> dict[str, np.ndarray]:
-        if self.count == 0:
-            raise ValueError("no updates to average")
-        scale = self.effective_steps / self.weight
-        return {k: (v * scale).astype(np.float32) for k, v in self._sum.items()}
+        tau = self.effective_steps
+        return {k: (v * tau).astype(np.float32) for k, v in self.inner.mean().items()}
 
-    def state(self) -> dict[str, object]:
-        return {**super().state(), "weighted_steps": self.weighted_steps}
 
-    def load_state(self, state: Mapping[str, object]) -> None:
-        super().load_state(state)
-        self.weighted_steps = float(state.get("weighted_steps", self.weight))  # type: ignore[arg-type]
+class NormalisedSum(Normalised):
+    """FedNova over the streaming weighted sum: one running sum the size of the model."""
+
+    def __init__(self, spec: Mapping[str, tuple[int, ...]]) -> None:
+        super().__init__(WeightedSum(spec))
