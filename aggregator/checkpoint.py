@@ -29,33 +29,32 @@ ARRAY_TAG = "__ndarray__"
 DIGEST = 32
 
 
-def _pack(obj: Any) -> Any:
+def _encode_array(obj: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: numpy arrays and scalars."""
     if isinstance(obj, np.ndarray):
         arr = np.ascontiguousarray(obj)
-        return {
-            ARRAY_TAG: True,
-            "dtype": arr.dtype.str,
-            "shape": list(arr.shape),
-            "data": arr.tobytes(),
-        }
+        return {ARRAY_TAG: True, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "data": arr.tobytes()}
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, Mapping):
-        return {str(k): _pack(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_pack(v) for v in obj]
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _decode_array(obj: dict) -> Any:
+    if obj.get(ARRAY_TAG) is True:
+        arr = np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"]))
+        return arr.reshape(obj["shape"]).copy()
     return obj
 
 
-def _unpack(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if obj.get(ARRAY_TAG) is True:
-            arr = np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"]))
-            return arr.reshape(obj["shape"]).copy()
-        return {k: _unpack(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unpack(v) for v in obj]
-    return obj
+def _pack(state: Mapping[str, Any]) -> bytes:
+    # msgpack walks the structure in C and calls back only for arrays: a checkpoint is written
+    # every round, and a Python walk over the registry and ledger cost more than the write
+    return msgpack.packb(state, default=_encode_array, use_bin_type=True)
+
+
+def _unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False, object_hook=_decode_array)
 
 
 def _fsync(path: Path) -> None:
@@ -77,7 +76,7 @@ class Checkpointer:
         self._flusher: threading.Thread | None = None
 
     def save(self, state: Mapping[str, Any]) -> None:
-        body = msgpack.packb(_pack(state), use_bin_type=True)
+        body = _pack(state)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wait_flushed()  # never move a file aside that is not yet on the disk
         with self._tmp.open("wb") as f:
@@ -126,4 +125,4 @@ class Checkpointer:
         if len(data) <= DIGEST or hashlib.sha256(body).digest() != digest:
             log.warning("checkpoint %s fails its checksum; ignored", path)
             return None
-        return _unpack(msgpack.unpackb(body, raw=False, strict_map_key=False))
+        return _unpack(body)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgefl.compression import WireError
@@ -279,10 +279,15 @@ class DeviceRegistry:
                     return False
                 self.changed.wait(min(left, 0.5))
 
+    # what a checkpoint keeps of each device: its history, not its passing state
+    _KEPT = ("device_id", "capabilities", "agent_version", "rounds_assigned", "rounds_completed",
+             "deadlines_missed", "declines", "throughput_sps", "latency_s", "energy_j")
+
     def snapshot(self) -> list[dict[str, Any]]:
-        """Plain data for checkpoints and metrics (telemetry as a dict)."""
+        """Plain data for checkpoints: what :meth:`restore` brings back. Built field by field
+        (not ``dataclasses.asdict``, which deep-copies): it runs at every round's close."""
         with self._lock:
-            return [asdict(r) for r in self._devices.values()]
+            return [{k: getattr(r, k) for k in self._KEPT} for r in self._devices.values()]
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         """Bring back history after a restart; devices count as offline until they speak again."""

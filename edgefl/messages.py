@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -306,9 +307,10 @@ def _pack_metric(value: float, wire: str, t0_ms: int | None) -> bytes | None:
             return None
         value -= t0_ms / 1000.0
         wire = "f4"
-    with np.errstate(over="ignore"):  # too large for the type: it goes to the map
-        packed = np.array([value], dtype="<f2" if wire == "f2" else "<f4")
-    return packed.tobytes() if np.isfinite(packed).all() else None
+    try:  # struct, not numpy: this runs for every metric of every update
+        return struct.pack("<e" if wire == "f2" else "<f", value)
+    except (OverflowError, struct.error):  # too large for the type: it goes to the map
+        return None
 
 
 def _pack_compact_metrics(metrics: Mapping[str, float]) -> tuple[bytes, dict[str, float]]:
@@ -319,7 +321,7 @@ def _pack_compact_metrics(metrics: Mapping[str, float]) -> tuple[bytes, dict[str
         if wire == "time" and k in metrics and math.isfinite(metrics[k]) and metrics[k] >= 0
     ]
     t0_ms = math.floor(min(times) * 1000) if times else None
-    mask, parts, extra = 0, [], {}
+    mask, packed_by_bit, extra = 0, {}, {}
     for key, value in metrics.items():
         bit = _METRIC_BIT.get(key)
         packed = None if bit is None else _pack_metric(float(value), _METRIC_WIRE[bit][1], t0_ms)
@@ -327,9 +329,8 @@ def _pack_compact_metrics(metrics: Mapping[str, float]) -> tuple[bytes, dict[str
             extra[key] = float(value)
         else:
             mask |= 1 << bit
-    for bit, (key, wire) in enumerate(_METRIC_WIRE):
-        if mask >> bit & 1:
-            parts.append(_pack_metric(float(metrics[key]), wire, t0_ms))
+            packed_by_bit[bit] = packed
+    parts = [packed_by_bit[bit] for bit in sorted(packed_by_bit)]
     head = mask.to_bytes(2, "little")
     if mask & _TIME_BITS:
         head += (t0_ms % _MS_WRAP).to_bytes(4, "little")
@@ -375,7 +376,7 @@ def _unpack_compact_metrics(blob: Any, now: float) -> dict[str, float]:
         size = 2 if wire == "f2" else 4
         if pos + size > len(blob):
             raise WireError("malformed", f"{what}: truncated at {key!r}")
-        value = float(np.frombuffer(blob, "<f2" if wire == "f2" else "<f4", 1, pos)[0])
+        (value,) = struct.unpack_from("<e" if wire == "f2" else "<f", blob, pos)
         if not math.isfinite(value):
             raise WireError("malformed", f"{what}: metric {key!r} must be a finite number")
         out[key] = t0 + value if wire == "time" else value
@@ -645,7 +646,8 @@ class Task:
     prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
 
     def to_payload(self) -> bytes:
-        return _dump_json({"v": FORMAT_VERSION, **asdict(self)})
+        # field by field, not asdict (a deep copy): one task per participant per round
+        return _dump_json({"v": FORMAT_VERSION, **{k: getattr(self, k) for k in _TASK_FIELDS}})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Task:
@@ -964,3 +966,6 @@ class Reply:
             metrics=_metrics(obj.get("metrics", {}), what),
             ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
         )
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(Task))

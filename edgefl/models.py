@@ -68,11 +68,20 @@ def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
-    state = {
-        k: torch.from_numpy(np.ascontiguousarray(weights[k], dtype=np.float32))
-        for k in model.state_dict()
-    }
-    model.load_state_dict(state, strict=True)
+    """Copy ``weights`` into the model's own tensors (every name must be there, shapes equal).
+
+    A plain copy per tensor: ``load_state_dict`` does the same with several times the
+    overhead, which a device pays every round."""
+    state = model.state_dict(keep_vars=True)
+    if set(state) != set(weights):
+        raise ValueError(f"weights for {sorted(weights)}, the model has {sorted(state)}")
+    sources = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in state}
+    for k, t in state.items():  # all checked before any is copied: never half a model
+        if sources[k].shape != tuple(t.shape):
+            raise ValueError(f"{k}: shape {sources[k].shape}, the model has {tuple(t.shape)}")
+    with torch.no_grad():
+        for k, t in state.items():
+            t.copy_(torch.from_numpy(sources[k]))
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -7,6 +7,8 @@ fields from its profile instead.
 
 from __future__ import annotations
 
+import time
+
 import psutil
 
 from edgefl.messages import Telemetry
@@ -30,8 +32,27 @@ def _cpu_temperature() -> float | None:
     return None
 
 
+_BATTERY_TTL_S = 5.0
+_battery_cache: tuple[float, tuple[float | None, bool | None]] = (-1e9, (None, None))
+
+
 def read_battery() -> tuple[float | None, bool | None]:
-    """(percent, charging) from the machine's battery; (None, None) where it has none."""
+    """(percent, charging) from the machine's battery; (None, None) where it has none.
+
+    Read at most every few seconds: a battery changes slowly, and reading it means a walk
+    through /sys that a busy device should not repeat for every task.
+    """
+    global _battery_cache
+    at, value = _battery_cache
+    now = time.monotonic()
+    if now - at < _BATTERY_TTL_S:
+        return value
+    value = _read_battery()
+    _battery_cache = (now, value)
+    return value
+
+
+def _read_battery() -> tuple[float | None, bool | None]:
     read = getattr(psutil, "sensors_battery", None)
     if read is None:
         return None, None

@@ -53,27 +53,33 @@ def train_local(
     model.train()
     steps = seen = 0
     loss_sum = correct = count = 0.0
-    for _epoch in range(epochs):
+    for epoch in range(epochs):
+        # the figures reported are those of the last epoch; earlier ones skip the bookkeeping
+        last = epoch == epochs - 1
         loss_sum = correct = count = 0.0
         order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), batch_size):
-            idx = order[i : i + batch_size]
-            xb, yb = X[idx], y[idx]
+        Xs, ys = X[order], y[order]  # one gather per epoch; batches are then plain slices
+        for i in range(0, len(ys), batch_size):
+            xb, yb = Xs[i : i + batch_size], ys[i : i + batch_size]
             for p in params:
                 p.grad = None
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb)
             loss.backward()
             with torch.no_grad():
-                for p, p0 in zip(params, anchor, strict=False):
-                    p.grad.add_(p - p0, alpha=prox_mu)
-                for p in params:
-                    p.sub_(p.grad, alpha=lr)
+                grads = [p.grad for p in params]
+                if prox_mu:
+                    torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=prox_mu)
+                # one call for every tensor: a device's model is small, so per-call overhead
+                # is most of the cost of a step
+                torch._foreach_add_(params, grads, alpha=-lr)
             steps += 1
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-            count += len(idx)
+            n = len(yb)
+            seen += n
+            if last or (max_steps and steps >= max_steps):
+                loss_sum += loss.item() * n
+                correct += (logits.argmax(1) == yb).sum().item()
+                count += n
             if max_steps and steps >= max_steps:
                 break
         if max_steps and steps >= max_steps:

@@ -8,6 +8,7 @@ inconsistency raises :class:`WireError` with a reason a log reader can act on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -104,6 +105,12 @@ def unflatten(flat: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _spec_tag(items: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
+    text = ";".join(f"{k}:{'x'.join(map(str, s))}" for k, s in items)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:2], "big")
+
+
 def spec_tag(spec: ModelSpec) -> int:
     """A 16-bit fingerprint of the tensor names and shapes.
 
@@ -111,8 +118,7 @@ def spec_tag(spec: ModelSpec) -> int:
     device that runs another model with the same number of values (a mistake, not an attack:
     a hostile sender can always send a well-formed update).
     """
-    text = ";".join(f"{k}:{'x'.join(map(str, s))}" for k, s in spec.items())
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:2], "big")
+    return _spec_tag(tuple((k, tuple(s)) for k, s in spec.items()))
 
 
 # ---------------------------------------------------------------------------------------------

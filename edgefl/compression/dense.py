@@ -3,6 +3,7 @@ tensor (name, shape, bytes)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ class DenseCodec(Codec):
     def decode(self, data: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name, shape, rec in check_records(data, spec):
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)
             arr = raw_values(rec, name, self.dtype, count).astype(np.float32).reshape(shape)
             out[name] = arr
         check_finite(out)
