@@ -234,9 +234,11 @@ class DeployConfig:
 
 
 @dataclass
-class AggregatorConfig:
+class FederationConfig:
+    """What the aggregator of a deployment and a local run both set: the fleet, the model, the
+    training each task asks for, and how rounds, aggregation and deployment go."""
+
     fleet: str = "demo"
-    broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(username="aggregator"))
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -245,6 +247,16 @@ class AggregatorConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    seed: int = 0
+
+    def federation(self) -> dict[str, Any]:
+        """The shared settings, for building one configuration from another."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(FederationConfig)}
+
+
+@dataclass
+class AggregatorConfig(FederationConfig):
+    broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(username="aggregator"))
     # A file listing the enrolled device ids, one per line (edgefl enroll --registry adds to
     # it); anything from a device not on it is ignored and counted. Unset: any device the
     # broker lets in.
@@ -253,7 +265,6 @@ class AggregatorConfig:
     eval_data: str | None = None
     # Where checkpoints, metrics and the exported ONNX model go.
     state_dir: str = "aggregator-state"
-    seed: int = 0
 
 
 @dataclass
@@ -314,24 +325,14 @@ class DemoConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole local run: the aggregator's settings plus the simulated fleet's data."""
+class RunConfig(FederationConfig):
+    """A whole local run: the aggregator's settings plus the simulated fleet and its data."""
 
-    fleet: str = "demo"
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    rounds: RoundsConfig = field(default_factory=RoundsConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    deploy: DeployConfig = field(default_factory=DeployConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     # Hardware profiles of the simulated fleet: device i gets profiles[i % len(profiles)]
     # (none: every device is this machine as it is).
     profiles: list[ProfileConfig] = field(default_factory=list)
-    seed: int = 0
 
 
 T = TypeVar("T")

@@ -158,19 +158,10 @@ def run_local(
     with PrivateBroker(cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids) as broker:
         marks["broker_up_s"] = time.perf_counter() - t0
         agg_cfg = AggregatorConfig(
-            fleet=cfg.fleet,
+            **cfg.federation(),
             broker=broker.broker_config(broker.aggregator),
-            model=cfg.model,
-            train=cfg.train,
-            codec=cfg.codec,
-            rounds=cfg.rounds,
-            schedule=cfg.schedule,
-            strategy=cfg.strategy,
-            limits=cfg.limits,
-            deploy=cfg.deploy,
             eval_data=str(run_dir / "data" / "test.npz"),
             state_dir=str(run_dir / "aggregator"),
-            seed=cfg.seed,
         )
         agg_cfg.rounds.min_devices = n
         # the aggregator works with enrolled devices only, as in a deployment
