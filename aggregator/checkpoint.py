@@ -7,7 +7,9 @@ one aside as ``.prev``; a SHA-256 footer lets the loader tell a whole file from 
   and what was written reaches the disk with the page cache even though the process is gone.
 - A power cut may lose writes the disk had not flushed. The flush (fsync) runs in the background
   right after each save, so it does not hold up the round; if the newest file did not make it,
-  the loader falls back to ``.prev``, which was flushed a round earlier.
+  the loader falls back to ``.prev``, which was flushed a round earlier. What must wait for the
+  disk (acknowledging a round's updates to the broker, which then forgets them) is handed to
+  :meth:`Checkpointer.when_flushed`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,9 @@ class Checkpointer:
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._background = background_flush
         self._flusher: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._flushing = False
+        self._after_flush: list[Callable[[], None]] = []
 
     def save(self, state: Mapping[str, Any]) -> None:
         body = _pack(state)
@@ -85,11 +90,22 @@ class Checkpointer:
         if self.path.exists():
             os.replace(self.path, self.prev)
         os.replace(self._tmp, self.path)
+        with self._lock:
+            self._flushing = True
         if self._background:
             self._flusher = threading.Thread(target=self._flush, name="checkpoint-flush")
             self._flusher.start()
         else:
             self._flush()
+
+    def when_flushed(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the newest checkpoint is on the disk: now if it already is, else
+        from the flushing thread when it is."""
+        with self._lock:
+            if self._flushing:
+                self._after_flush.append(fn)
+                return
+        fn()
 
     def _flush(self) -> None:
         try:
@@ -97,6 +113,14 @@ class Checkpointer:
             _fsync(self.path.parent)
         except OSError as e:  # the next save tries again; the loader has .prev
             log.warning("could not flush checkpoint %s: %s", self.path, e)
+        with self._lock:
+            self._flushing = False
+            waiting, self._after_flush = self._after_flush, []
+        for fn in waiting:
+            try:
+                fn()
+            except Exception:  # one failed callback must not keep the others from running
+                log.exception("after a checkpoint flush")
 
     def wait_flushed(self) -> None:
         if self._flusher is not None:

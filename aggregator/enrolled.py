@@ -4,8 +4,9 @@ The broker already refuses anyone without an account. This list is the aggregato
 on top: status, telemetry and updates from a device that is not on it are ignored and counted,
 so an account created by mistake (or by someone else) on a shared broker cannot reach the model.
 
-The file holds one device id per line; ``#`` starts a comment. ``edgefl enroll --registry FILE``
-adds to it. The aggregator rereads it when it changes, so enrolling a device needs no restart.
+The file holds one device id per line; ``#`` starts a comment. ``edgefl enroll`` adds to it
+(``LIST_FILE`` in the broker's directory, or ``--registry FILE``). The aggregator rereads it when
+it changes, so enrolling a device needs no restart.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import threading
 import time
 from pathlib import Path
 
-from edgefl.config import NAME_RE
+from edgefl.config import NAME_RE, ConfigError
 
 log = logging.getLogger(__name__)
+
+# What ``edgefl enroll`` writes in the broker's directory unless told another path; the demo
+# uses the same name in its run directory.
+LIST_FILE = "enrolled-devices.txt"
 
 
 def read_ids(path: str | Path) -> set[str]:
@@ -46,7 +51,8 @@ def add_ids(path: str | Path, device_ids: list[str]) -> None:
 
 
 class EnrolledDevices:
-    """Membership test against the list; without a file, every device is accepted."""
+    """Membership test against the list; without a file, every device is accepted (and a
+    warning says so once)."""
 
     def __init__(self, path: str | Path | None, recheck_s: float = 1.0) -> None:
         self.path = Path(path) if path else None
@@ -55,7 +61,16 @@ class EnrolledDevices:
         self._checked = 0.0
         self._recheck_s = recheck_s
         self._lock = threading.Lock()
-        if self.path is not None:
+        if self.path is None:
+            # Said once, at start: an operator who never set the list should learn that the
+            # broker's password file is then the only thing between a stray account and the model.
+            log.warning(
+                "no enrolled_devices list is set: every device the broker admits will be "
+                "accepted. Set enrolled_devices in the aggregator's config to the file "
+                "`edgefl enroll` writes (%s in the broker's directory, or its --registry FILE)",
+                LIST_FILE,
+            )
+        else:
             self._reload(force=True)
             log.info("%d enrolled devices in %s", len(self._ids), self.path)
 
@@ -64,7 +79,16 @@ class EnrolledDevices:
             mtime = os.stat(self.path).st_mtime
         except OSError as e:
             if force:
-                raise FileNotFoundError(f"enrolled devices file {self.path}: {e}") from None
+                # A configuration error (the command line exits 2, systemd does not loop) that
+                # says how to get the file, rather than a bare traceback.
+                why = e.strerror or e
+                raise ConfigError(
+                    f"enrolled_devices: cannot read {self.path} ({why}). `edgefl enroll ... "
+                    f"--registry {self.path}` creates it; if the devices were enrolled on "
+                    f"the broker's machine, copy {LIST_FILE} from the broker's directory here. "
+                    "Remove enrolled_devices from the config to accept every device the broker "
+                    "lets in."
+                ) from None
             return  # keep the last list we read rather than lock everyone out
         if force or mtime != self._mtime:
             self._ids, self._mtime = read_ids(self.path), mtime

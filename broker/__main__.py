@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tls-cert")
         p.add_argument("--tls-key")
         p.add_argument("--tls-port", type=int, default=8883)
+        p.add_argument("--plain-bind", help="address of the plain listener (default: --bind)")
+        p.add_argument("--no-plain", action="store_true", help="TLS listener only")
     p = sub.add_parser("enroll", help="create device accounts; prints each device's password")
     p.add_argument("--workdir", required=True)
     p.add_argument("device_ids", nargs="+")
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         args.tls_port,
     )
     if args.command == "prepare":
-        print(prepare(*options))
+        print(prepare(*options, plain_bind=args.plain_bind, plain=not args.no_plain))
         return 0
-    return serve(*options)
+    return serve(*options, plain_bind=args.plain_bind, plain=not args.no_plain)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ class MosquittoSettings:
     persistence_location: str
     log_file: str
     port: int = 1883
+    # the address of every listener, unless plain_bind gives the plain one its own
     bind: str = "0.0.0.0"
+    plain_bind: str | None = None
+    # False leaves the plain listener out altogether (only with TLS: else nothing listens)
+    plain: bool = True
     user: str = "mosquitto"
     max_packet_size: int = 1 << 20
     autosave_interval: int = 60
@@ -105,7 +109,12 @@ def render_config(settings: MosquittoSettings) -> str:
     # Mosquitto appends the database name to this string as it is.
     if not values["persistence_location"].endswith("/"):
         values["persistence_location"] += "/"
-    switches = {"tls": settings.tls, "log_stderr": settings.log_stderr}
+    values["plain_bind"] = settings.plain_bind or settings.bind
+    for key in ("bind", "plain_bind"):
+        _check_address(key, values[key])
+    if not settings.plain and not settings.tls:
+        raise ValueError("the plain listener can be left out only when TLS is on")
+    switches = {"tls": settings.tls, "plain": settings.plain, "log_stderr": settings.log_stderr}
     return render(template_text(CONFIG_TEMPLATE), values, switches)
 
 
@@ -148,3 +157,10 @@ def _check_path(key: str, value: str) -> None:
     # trailing space would be read as a different path.
     if "\n" in value or "\r" in value or value != value.strip() or not value:
         raise ValueError(f"{key} {value!r} cannot be written into mosquitto.conf")
+
+
+def _check_address(key: str, value: str) -> None:
+    # One word on the listener line: anything with a space or a line break would become other
+    # settings, or another address than the one asked for.
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"{key} {value!r} is not an address Mosquitto can listen on")

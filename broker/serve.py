@@ -58,11 +58,15 @@ def prepare(
     tls_certfile: str | None = None,
     tls_keyfile: str | None = None,
     tls_port: int = 8883,
+    plain_bind: str | None = None,
+    plain: bool = True,
 ) -> Path:
     """Write a deployment's configuration into ``workdir`` and return the config file's path.
 
-    Enrolled devices are kept; the aggregator and monitor accounts are created if missing.
-    The result also serves a system Mosquitto: point it at the returned file.
+    ``bind`` is the address of both listeners unless ``plain_bind`` gives the plain one its
+    own (e.g. loopback, with TLS facing the network); ``plain=False`` leaves the plain listener
+    out, which needs TLS. Enrolled devices are kept; the aggregator and monitor accounts are
+    created if missing. The result also serves a system Mosquitto: point it at the returned file.
     """
     check_name("fleet", fleet)
     workdir = Path(workdir).resolve()
@@ -79,6 +83,8 @@ def prepare(
         log_file=str(workdir / LOG_FILE),
         port=port,
         bind=bind,
+        plain_bind=plain_bind,
+        plain=plain,
         user=user,
         tls_port=tls_port,
         tls_cafile=str(Path(tls_cafile).resolve()) if tls_cafile else None,
@@ -86,8 +92,12 @@ def prepare(
         tls_keyfile=str(Path(tls_keyfile).resolve()) if tls_keyfile else None,
         log_stderr=True,
     )
+    try:
+        text = render_config(settings)
+    except ValueError as e:  # a listener choice that cannot work: the user's to fix
+        raise ConfigError(str(e)) from None
     config_path = workdir / CONFIG_FILE
-    write_text(config_path, render_config(settings))
+    write_text(config_path, text)
     write_text(workdir / ACL_FILE, render_acl(fleet, AGGREGATOR_USER, MONITOR_USER))
     for username in (AGGREGATOR_USER, MONITOR_USER):
         _ensure_account(workdir, username)
@@ -106,25 +116,33 @@ def serve(
     tls_certfile: str | None = None,
     tls_keyfile: str | None = None,
     tls_port: int = 8883,
+    plain_bind: str | None = None,
+    plain: bool = True,
 ) -> int:
-    """Run Mosquitto in the foreground for ``fleet`` until SIGINT/SIGTERM; its exit code."""
+    """Run Mosquitto in the foreground for ``fleet`` until SIGINT/SIGTERM; its exit code.
+    The listener options are :func:`prepare`'s."""
     workdir = Path(workdir).resolve()
     config_path = prepare(
-        fleet, workdir, port, bind, tls_cafile, tls_certfile, tls_keyfile, tls_port
+        fleet,
+        workdir,
+        port,
+        bind,
+        tls_cafile,
+        tls_certfile,
+        tls_keyfile,
+        tls_port,
+        plain_bind=plain_bind,
+        plain=plain,
     )
     log.info(
         "aggregator password is in %s; monitor password in %s",
         workdir / f"{AGGREGATOR_USER}.secret",
         workdir / f"{MONITOR_USER}.secret",
     )
-    log.info(
-        "Mosquitto for fleet %r: plain MQTT on %s:%d%s; log %s",
-        fleet,
-        bind,
-        port,
-        f", TLS on port {tls_port}" if tls_cafile else "",
-        workdir / LOG_FILE,
-    )
+    listeners = [f"plain MQTT on {plain_bind or bind}:{port}"] if plain else []
+    if tls_cafile:
+        listeners.append(f"TLS on {bind}:{tls_port}")
+    log.info("Mosquitto for fleet %r: %s; log %s", fleet, ", ".join(listeners), workdir / LOG_FILE)
     proc = subprocess.Popen([find_mosquitto(), "-c", str(config_path)], cwd=workdir)
     pid_path = workdir / PID_FILE
     write_text(pid_path, f"{proc.pid}\n")

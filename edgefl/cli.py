@@ -161,21 +161,32 @@ def cmd_broker(args: argparse.Namespace) -> int:
         tls_certfile=args.tls_cert,
         tls_keyfile=args.tls_key,
         tls_port=args.tls_port,
+        plain_bind=args.plain_bind,
+        plain=not args.no_plain,
     )
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    """Create device accounts on a deployment's broker and the config file for each device."""
+    """Create device accounts on a deployment's broker, the config file for each device, and
+    add the devices to the aggregator's list of enrolled devices."""
+    from aggregator.enrolled import LIST_FILE, add_ids
+    from broker.credentials import RESERVED_USERNAMES
     from broker.serve import enroll
-    from edgefl.config import BrokerConfig, to_dict, to_toml
+    from edgefl.config import BrokerConfig, check_name, to_dict, to_toml
 
+    # Every id is checked before anything is written, so a typo in the last one does not leave
+    # the first ones half enrolled.
+    check_name("fleet", args.fleet)
+    for device_id in args.device_ids:
+        check_name("device id", device_id)
+        if device_id in RESERVED_USERNAMES:
+            raise ConfigError(f"device id {device_id!r} is reserved for the {device_id} account")
+    # A device that is given a CA talks TLS, and the broker's TLS listener is on 8883 unless
+    # `edgefl broker --tls-port` moved it.
+    port = args.port if args.port is not None else (8883 if args.tls_ca else 1883)
+    registry = Path(args.registry) if args.registry else Path(args.dir) / LIST_FILE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.registry:
-        from aggregator.enrolled import add_ids
-
-        add_ids(args.registry, args.device_ids)
-        print(f"added to the aggregator's list of enrolled devices: {args.registry}")
     for device_id in args.device_ids:
         account = enroll(args.dir, device_id)
         cfg = DeviceConfig(
@@ -183,7 +194,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             device_id=device_id,
             broker=BrokerConfig(
                 host=args.host,
-                port=args.port,
+                port=port,
                 username=account.username,
                 password=account.password,
                 tls_ca=args.tls_ca,
@@ -199,6 +210,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         )
         path.chmod(0o600)
         print(f"enrolled {device_id}: {path}")
+    # Last: a device with an account but not on the list is ignored by the aggregator, which
+    # is the safe way round should this step fail.
+    add_ids(registry, args.device_ids)
+    print(
+        f"added to the aggregator's list of enrolled devices: {registry}\n"
+        f"(the aggregator's enrolled_devices must name this file; copy it there if the "
+        f"aggregator runs on another machine)"
+    )
     return 0
 
 
@@ -307,8 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("broker", help="run Mosquitto with edgefl's configuration")
     b.add_argument("--dir", default="broker-data", help="where config, passwords and data live")
     b.add_argument("--fleet", default="demo")
-    b.add_argument("--port", type=int, default=1883)
-    b.add_argument("--bind", default="0.0.0.0")
+    b.add_argument("--port", type=int, default=1883, help="the plain listener's port")
+    b.add_argument("--bind", default="0.0.0.0", help="the listeners' address")
+    b.add_argument(
+        "--plain-bind",
+        metavar="ADDR",
+        help="the plain listener's own address (e.g. 127.0.0.1 while TLS faces the network)",
+    )
+    b.add_argument(
+        "--no-plain", action="store_true", help="no plain listener at all (needs the TLS files)"
+    )
     b.add_argument("--tls-ca")
     b.add_argument("--tls-cert")
     b.add_argument("--tls-key")
@@ -322,15 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--fleet", default="demo")
     e.add_argument("--host", required=True, help="the broker's address as the devices see it")
-    e.add_argument("--port", type=int, default=1883)
-    e.add_argument("--tls-ca", help="CA certificate path on the device (turns TLS on)")
+    e.add_argument(
+        "--port", type=int, help="the broker's port (default 1883, or 8883 with --tls-ca)"
+    )
+    e.add_argument("--tls-ca", help="CA certificate path on the device (turns TLS on; port 8883)")
     e.add_argument(
         "--data", default="/var/lib/edgefl/data.npz", help="local data path on the device"
     )
     e.add_argument("--out", default="enrolled", help="where to write the device config files")
     e.add_argument(
         "--registry",
-        help="also add the ids to this file, the aggregator's enrolled_devices list",
+        help="the aggregator's enrolled_devices list to add the ids to "
+        "(default: enrolled-devices.txt in --dir)",
     )
     e.set_defaults(func=cmd_enroll)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -178,3 +179,14 @@ def make_accumulator(
     if method == "trimmed_mean":
         return TrimmedMean(spec, trim)
     raise ValueError(f"unknown aggregation {method!r}; use one of {', '.join(METHODS)}")
+
+
+def accumulator_for(strategy: Any, spec: Mapping[str, tuple[int, ...]]):
+    """The accumulator that a ``[strategy]`` table (edgefl.config.StrategyConfig) asks for."""
+    return make_accumulator(
+        strategy.aggregation,
+        spec,
+        trim=strategy.trim_fraction,
+        clip=strategy.clip_norm,
+        clip_multiplier=strategy.clip_multiplier,
+    )

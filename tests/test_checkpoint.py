@@ -1,10 +1,21 @@
-"""Checkpoints: atomic, checked, and a torn newest file falls back to the previous one."""
+"""Checkpoints: atomic, checked, and a torn newest file falls back to the previous one; an
+aggregator resuming from one carries on with the same model, server optimiser and registry."""
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import numpy as np
+import pytest
 
 from aggregator.checkpoint import Checkpointer
+from aggregator.rounds import Round
+from aggregator.service import Aggregator
+from edgefl.compression import DenseCodec
+from edgefl.config import AggregatorConfig, BrokerConfig
+from edgefl.messages import Status, Update, encode_update
+from edgefl.strategies import make_strategy
 
 
 def _state(version: int) -> dict:
@@ -40,3 +51,102 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous(tmp_path) -> None:
 
 def test_nothing_to_resume_from(tmp_path) -> None:
     assert Checkpointer(tmp_path / "none.msgpack").load() is None
+
+
+def test_when_flushed_runs_after_the_flush_or_at_once(tmp_path) -> None:
+    import threading
+
+    from aggregator import checkpoint
+
+    ck = Checkpointer(tmp_path / "ck.msgpack")
+    gate = threading.Event()
+    flushed: list[str] = []
+    real_fsync = checkpoint._fsync
+
+    def slow_fsync(path):
+        gate.wait(5)
+        real_fsync(path)
+        flushed.append(str(path))
+
+    calls: list[int] = []
+    checkpoint._fsync = slow_fsync
+    try:
+        ck.save({"round": 1})
+        ck.when_flushed(lambda: calls.append(len(flushed)))
+        assert calls == []  # the disk has not got it yet: the broker must not forget anything
+        gate.set()
+        ck.wait_flushed()
+    finally:
+        checkpoint._fsync = real_fsync
+    assert calls == [2]  # after the file and its folder were flushed
+    ck.when_flushed(lambda: calls.append(-1))
+    assert calls == [2, -1]  # nothing pending: at once
+
+
+# -- an aggregator resuming from its checkpoint ---------------------------------------------------
+
+DEVICES = ("dev-a", "dev-b")
+
+
+def _aggregator(state_dir, strategy: str) -> Aggregator:
+    cfg = AggregatorConfig(fleet="test", broker=BrokerConfig(port=1), state_dir=str(state_dir))
+    cfg.strategy.name = strategy
+    cfg.strategy.server_lr = 0.01 if strategy == "fedadam" else 1.0
+    return Aggregator(cfg)  # never connected: rounds are driven through its intake by hand
+
+
+def _round(agg: Aggregator, number: int) -> dict[str, np.ndarray]:
+    """One round with both devices, through the aggregator's own intake and close; the deltas
+    depend on the round number only, so two aggregators can be given the same round."""
+    rnd = Round(number, agg.version, list(DEVICES), time.time() + 60, agg.spec)
+    agg.registry.on_assigned(list(DEVICES))
+    rng = np.random.default_rng(number)
+    for i, device_id in enumerate(DEVICES):
+        agg.registry.on_status(device_id, Status("online", "1.0", {"cores": 4 + i}))
+        delta = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in agg.weights.items()}
+        metrics = {"train_s": 0.5 + i, "steps": 10.0, "t_start": 0.0, "t_end": 0.5 + i}
+        payload = encode_update(
+            Update(device_id, number, agg.version, 40 + 20 * i, delta, metrics), DenseCodec()
+        )
+        assert agg._fold(f"edgefl/test/devices/{device_id}/update", payload, rnd)
+    mean = rnd.aggregate()
+    assert agg._wait_and_close(rnd, time.perf_counter(), 0, None).applied
+    agg.checkpointer.wait_flushed()
+    return mean
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_server_optimiser_and_registry_survive_a_restart(tmp_path, strategy: str) -> None:
+    running = _aggregator(tmp_path / "running", strategy)
+    for number in (1, 2):
+        _round(running, number)
+    moments = running.strategy.state()  # FedAdam's m and v, FedAvgM's velocity
+    assert moments and all(np.abs(a).max() > 0 for s in moments.values() for a in s.values())
+
+    # a new aggregator on a copy of the state_dir, so that the two never write the same files
+    shutil.copytree(tmp_path / "running", tmp_path / "resumed")
+    resumed = _aggregator(tmp_path / "resumed", strategy)
+    assert (resumed.version, resumed.next_round) == (2, 3)
+    _same(resumed.weights, running.weights)
+    for name, arrays in moments.items():
+        _same(resumed.strategy.state()[name], arrays)
+    by_id = sorted(running.registry.snapshot(), key=lambda r: r["device_id"])
+    assert sorted(resumed.registry.snapshot(), key=lambda r: r["device_id"]) == by_id
+    assert by_id[1]["rounds_completed"] == 2 and by_id[1]["capabilities"] == {"cores": 5}
+
+    # the next round moves the resumed model exactly as it moves the one that never stopped
+    before = {k: v.copy() for k, v in resumed.weights.items()}
+    _round(running, 3)
+    mean = _round(resumed, 3)
+    _same(resumed.weights, running.weights)
+    for name in moments:
+        _same(resumed.strategy.state()[name], running.strategy.state()[name])
+    # and that takes the moments: an optimiser that forgot them would step elsewhere
+    forgetful = make_strategy(resumed.cfg.strategy).step(before, mean)
+    assert any(not np.array_equal(forgetful[k], resumed.weights[k]) for k in before)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +16,8 @@ from edgefl.compression import DenseCodec
 from edgefl.messages import Update, encode_update
 from tests.conftest import finite, wait_until
 from tests.test_federation import Scripted
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _slow(agent, seconds: float) -> None:
@@ -62,6 +69,9 @@ def test_a_third_of_the_fleet_vanishes_mid_round_and_the_round_closes_with_quoru
         second = agg.run(rounds=2)[1]
     assert first.reported == 7 and first.applied
     assert sorted(first.missing) == ["dev-0", "dev-1", "dev-2"]
+    # their Wills tell the aggregator they are gone, so it need not wait for the deadline;
+    # either way the round is closed by then
+    assert first.closed_by in ("no_one_left", "deadline"), first.closed_by
     assert took <= cfg.rounds.deadline_s + 1.0
     assert any(not np.array_equal(before[k], agg.weights[k]) for k in before)
     # the vanished devices are offline and left out of the next round
@@ -102,30 +112,68 @@ def test_a_replayed_update_from_an_earlier_round_is_rejected_as_stale(make_fleet
     assert agg.history[1].rejected == {"round": 1}
 
 
-def test_a_device_that_dies_mid_training_comes_back_with_its_state(make_fleet, caplog) -> None:
-    import logging
+def _device_process(config: Path, log: Path) -> subprocess.Popen:
+    """The device agent as a deployment runs it: its own process (what systemd restarts)."""
+    cmd = [sys.executable, "-m", "edgefl", "--log-file", str(log), "device", "--config"]
+    cmd.append(str(config))
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
+
+def test_a_device_killed_mid_training_comes_back_with_its_state(make_fleet, tmp_path) -> None:
+    from edgefl.config import ProfileConfig, to_dict, to_toml
+    from edgefl.data import save_npz
     from edgefl.error_feedback import FILE_NAME, ErrorFeedback
     from tests.test_compression_fleet import compressed_config
 
     fleet = make_fleet(devices=3)
-    agents = [fleet.start_agent(i) for i in range(3)]
+    fleet.start_agent(0)
+    fleet.start_agent(2)
+    # dev-1 runs in a process of its own, training at 1,000 samples/s so that a round's work
+    # takes it about a second: long enough to be killed in the middle of it
+    save_npz(tmp_path / "dev-1.npz", fleet.data[1])
+    dev = fleet.device_config(
+        "dev-1",
+        data=str(tmp_path / "dev-1.npz"),
+        profile=ProfileConfig(simulated=True, base_sps=1000.0),
+    )
+    config = tmp_path / "dev-1.toml"
+    config.write_text(to_toml(to_dict(dev)))
+    state = Path(dev.state_dir) / FILE_NAME
     cfg = compressed_config(fleet, rounds=3)
+    cfg.train.epochs = 2
     cfg.rounds.offline_grace_s = 1.0
-    state = fleet.tmp / "devices" / "dev-1" / FILE_NAME
-    with fleet.aggregator(cfg) as agg:
-        agg.run(rounds=1)
-        saved = ErrorFeedback(state, agg.spec).state
-        assert saved is not None and saved.round == 1  # the residual of its round-1 update
-        victim = agents[1]
-        # in round 2 it loses power while training
-        victim._train_and_publish = lambda task: (time.sleep(0.2), victim.crash())
-        second = agg.run(rounds=2)[1]
-        assert second.reported == 2 and second.missing == ["dev-1"]
-        with caplog.at_level(logging.INFO, logger="edgefl.error_feedback"):
-            back = fleet.start_agent(1)  # the same device starting again: same state_dir
-            wait_until(lambda: back.model_version == agg.version, what="the model after restart")
+    proc = _device_process(config, tmp_path / "first.log")
+    try:
+        with fleet.aggregator(cfg) as agg:
+            first = agg.run(rounds=1)[0]
+            assert first.reported == 3
+            saved = ErrorFeedback(state, agg.spec).state
+            assert saved is not None and saved.round == 1  # the residual of its round-1 update
+            models = sorted(p.name for p in Path(dev.state_dir).iterdir())
+
+            result: list = []
+            runner = threading.Thread(target=lambda: result.extend(agg.run(rounds=2)))
+            runner.start()
+            wait_until(lambda: agg._round is not None and agg._round.number == 2, what="round 2")
+            time.sleep(0.4)  # its task has arrived; its training takes about a second
+            assert "dev-1" not in agg._round.accepted, "dev-1 finished before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)  # a power cut in the middle of training
+            proc.wait(10)
+            runner.join(30)
+            second = result[1]
+            assert second.missing == ["dev-1"] and second.reported == 2 and second.applied
+            # what it had saved is whole and still the round-1 residual
+            assert ErrorFeedback(state, agg.spec).state.round == 1
+            assert sorted(p.name for p in Path(dev.state_dir).iterdir()) == models
+
+            proc = _device_process(config, tmp_path / "second.log")  # systemd starts it again
             third = agg.run(rounds=3)[2]
-        assert "error feedback restored" in caplog.text
-    assert third.reported == 3 and third.applied
-    assert back.encoder.feedback.state.round == 3  # round 1's residual carried into round 3
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+    log = (tmp_path / "second.log").read_text()
+    assert "error feedback restored" in log, log[-2000:]
+    assert third.reported == 3 and third.applied and "dev-1" not in third.missing
+    # round 1's residual was carried into its round-3 update, which left a new one
+    assert ErrorFeedback(state, agg.spec).state.round == 3

@@ -7,6 +7,7 @@ message from MQTT goes through.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from aggregator.rounds import Round
 from aggregator.service import Aggregator
 from device.updates import UpdateEncoder
+from edgefl.compression import DenseCodec
 from edgefl.config import AggregatorConfig, BrokerConfig
-from edgefl.messages import GlobalModel, Status, Task, Telemetry
+from edgefl.messages import GlobalModel, Status, Task, Telemetry, Update, encode_update
 from tests.conftest import FLEET
 
 TOPIC = f"edgefl/{FLEET}/devices/dev-a/update"
@@ -123,3 +125,49 @@ def test_mutated_updates_never_escape_validation(agg, valid, data) -> None:
 def test_status_and_telemetry_paths_never_raise(agg, payload) -> None:
     agg._on_status(f"edgefl/{FLEET}/devices/dev-a/status", payload)
     agg._on_telemetry(f"edgefl/{FLEET}/devices/dev-a/telemetry", payload)
+
+
+# -- finite but absurd: the magnitude limit, and the last check before a model is published ---
+
+
+def _update(agg: Aggregator, value: float) -> bytes:
+    """A well-formed dense update that moves one weight by ``value`` and nothing else."""
+    delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
+    first = next(iter(delta))
+    delta[first].flat[0] = value
+    return encode_update(Update("dev-a", 1, 0, 50, delta, {"train_s": 0.1}), DenseCodec())
+
+
+def test_a_value_beyond_max_delta_abs_is_rejected_as_magnitude(agg) -> None:
+    limit = agg.cfg.limits.max_delta_abs
+    before = agg.rejected["magnitude"]
+    accepted, _ = _fold(agg, _update(agg, 100 * limit))  # finite, so no NaN/Inf check catches it
+    assert not accepted
+    assert agg.rejected["magnitude"] == before + 1  # counted, under its reason
+    # the same update within the limit is taken: it is the value that is refused, nothing else
+    assert _fold(agg, _update(agg, -0.5 * limit))[0]
+
+
+# numpy warns of the overflow that this test provokes on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_round_that_would_make_the_model_non_finite_is_discarded(tmp_path, caplog) -> None:
+    cfg = AggregatorConfig(fleet=FLEET, broker=BrokerConfig(port=1), state_dir=str(tmp_path))
+    # with the magnitude limit lifted to what float32 holds, every finite update is accepted,
+    # and a server step larger than 1 carries one past float32's range: this is what the
+    # check before publishing is for
+    cfg.limits.max_delta_abs = float(np.finfo(np.float32).max)
+    cfg.strategy.server_lr = 10.0
+    agg = Aggregator(cfg)
+    before = {k: v.copy() for k, v in agg.weights.items()}
+    rnd = Round(1, 0, ["dev-a"], time.time() + 60, agg.spec)
+    assert agg._fold(TOPIC, _update(agg, 1e38), rnd)
+    with caplog.at_level(logging.ERROR, logger="aggregator.service"):
+        metrics = agg._wait_and_close(rnd, time.perf_counter(), 0, None)
+    assert metrics.reported == 1 and not metrics.applied
+    assert agg.version == 0 and agg.next_round == 2  # the round is over, the model as it was
+    for k, w in before.items():
+        np.testing.assert_array_equal(agg.weights[k], w)
+    assert "non-finite" in caplog.text
+    agg.checkpointer.wait_flushed()
+    saved = agg.checkpointer.load()
+    assert saved["version"] == 0 and all(np.isfinite(w).all() for w in saved["weights"].values())

@@ -80,6 +80,7 @@ PLACEHOLDERS = {
     "broker.host",
     "broker.username",
     "broker.password",
+    "enrolled_devices",
 }
 
 

@@ -6,6 +6,8 @@ against the broker itself in tests/test_broker.py.
 
 from __future__ import annotations
 
+import socket
+import ssl
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,27 @@ def test_a_broker_with_a_certificate_from_another_ca_is_refused(tls_broker, tmp_
     cfg.connect_timeout_s = 3.0
     with pytest.raises(BrokerUnavailable, match="certificate"):
         MqttLink("test-wrong-ca", cfg).start()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_broker_certificate_for_another_host_is_refused(tmp_path, host: str) -> None:
+    """The fleet's own CA signed it, but for "other.example": a device connecting to ``host``
+    must not take it, or one stolen broker key would do for every broker of that CA."""
+    b = PrivateBroker(FLEET, workdir=tmp_path / "broker", tls=True, device_ids=["dev-0"])
+    b.tls_files = make_certificates(tmp_path / "certs", ["other.example"])  # served from start
+    with b:
+        # the chain is good: without the host-name check the handshake goes through, so the
+        # refusal below can only come from the name
+        context = ssl.create_default_context(cafile=str(b.tls_files["ca.crt"]))
+        context.check_hostname = False
+        raw = socket.create_connection((b.host, b.tls_port), timeout=5)
+        with context.wrap_socket(raw) as tls:
+            assert "other.example" in str(tls.getpeercert()["subjectAltName"])
+        cfg = b.broker_config(b.device_account("dev-0"), tls=True)
+        cfg.host = host
+        cfg.connect_timeout_s = 3.0
+        with pytest.raises(BrokerUnavailable, match="certificate"):
+            MqttLink("test-wrong-host", cfg).start()
 
 
 def test_plain_mqtt_to_the_tls_port_does_not_connect(tls_broker) -> None:
