@@ -12,6 +12,12 @@ then a small manifest names it:
   ``canary_margin`` of accuracy on its own data compared with the model it served before;
   otherwise the canary manifest is cleared and the canaries go back to the fleet's model.
 
+Nothing reaches the fleet unchecked: an fp32 export whose logits differ from PyTorch's by more
+than ``deploy.parity_tolerance`` is refused (logged, recorded, never published), and so is its
+int8 variant, which is judged by its held-out accuracy against fp32 instead (``int8_margin``):
+quantisation moves its logits by far more than any fp32 tolerance. The fleet keeps serving the
+model it has.
+
 Devices report the deployment they serve in their status; that is how a rollout knows it has
 landed. A device that was offline gets the retained manifest and chunks when it comes back.
 A rollback is a rollout of an older entry of the store, with a new deployment number.
@@ -81,7 +87,12 @@ def export(
     }
     if int8:
         q = quantize_int8(fp32, store.file(version, "int8"))
-        entry["variants"]["int8"] = {"bytes": q.stat().st_size, "sha256": sha256_file(q)}
+        entry["variants"]["int8"] = {
+            "bytes": q.stat().st_size,
+            "sha256": sha256_file(q),
+            # for the record only (about 1e-2 by design); int8 is judged by accuracy
+            "parity_max_abs": parity(q, model, check_X),
+        }
     if eval_data is not None:
         for variant in entry["variants"]:
             logits = onnx_logits(store.file(version, variant), eval_data.X)
@@ -98,6 +109,30 @@ def export(
     entry["path"] = str(fp32)
     entry["bytes"] = entry["variants"]["fp32"]["bytes"]
     return entry
+
+
+def refusal(entry: dict[str, Any], variant: str, cfg: DeployConfig) -> str | None:
+    """Why ``variant`` of the exported model ``entry`` must not go to the fleet; None if it may."""
+    parity = entry.get("parity_max_abs")
+    # "not <=" so that NaN, what a broken graph often yields, is refused too; an entry without
+    # the figure predates the check and was served before
+    if parity is not None and not parity <= cfg.parity_tolerance:
+        return (
+            f"its ONNX export differs from PyTorch by up to {parity:.3g} on the check data "
+            f"(deploy.parity_tolerance = {cfg.parity_tolerance:g})"
+        )
+    if variant == "int8":
+        variants = entry.get("variants", {})
+        fp32 = variants.get("fp32", {}).get("accuracy")
+        int8 = variants.get("int8", {}).get("accuracy")
+        # without held-out data there is no accuracy to judge by; the fp32 parity above is
+        # then the only check, and a canary the way to catch a quantisation that hurts
+        if fp32 is not None and int8 is not None and not fp32 - int8 <= cfg.int8_margin:
+            return (
+                f"int8 accuracy {int8:.4f} is {fp32 - int8:.4f} below fp32's {fp32:.4f} "
+                f"(deploy.int8_margin = {cfg.int8_margin:g})"
+            )
+    return None
 
 
 def _serving(seq: int, devices: list[str] | None = None):
@@ -164,12 +199,36 @@ class Rollout:
         canary_fraction: float | None = None,
         kind: str = "rollout",
     ) -> dict[str, Any]:
-        """Roll model ``version`` out (through canaries if configured); returns the figures."""
+        """Roll model ``version`` out (through canaries if configured); returns the figures.
+
+        A model that fails its export checks (:func:`refusal`) is not published at all; the
+        result then has ``promoted: False`` and ``refused``, the reason."""
         variant = variant or self.cfg.variant
         entry = self.store.info(version)
         path = self.store.file(version, variant)
         if entry is None or not path.exists():
             raise FileNotFoundError(f"model v{version} ({variant}) is not in {self.store.root}")
+        why = refusal(entry, variant, self.cfg)
+        if why is not None:
+            current = self.store.current()
+            log.error(
+                "refused to roll out model v%d (%s): %s; the fleet keeps serving %s",
+                version,
+                variant,
+                why,
+                f"v{current['version']} ({current['variant']})" if current else "no model",
+            )
+            # recorded without a seq or blob: it never reached the broker, and a rollback
+            # (store.previous) only considers promoted entries
+            refused = {
+                "kind": kind,
+                "version": version,
+                "variant": variant,
+                "promoted": False,
+                "refused": why,
+            }
+            self.store.record(refused)
+            return refused
         fraction = self.cfg.canary_fraction if canary_fraction is None else canary_fraction
         started = time.perf_counter()
         blob = self._upload(path.read_bytes())

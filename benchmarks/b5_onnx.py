@@ -4,9 +4,11 @@
    (fp32 checked against PyTorch on the test split, and int8) and rolls it out to the 20 devices.
 2. Latency of ONNX Runtime and PyTorch eager on that model, batch 1 and 64, one thread each (a
    Pi core), side by side in this process: median of repeated timing blocks.
-3. Rollouts to a fleet of 20 agents over a private broker (each its own MQTT connection), fp32
-   and int8 alternately: time from the aggregator starting to publish until every device serves
-   the model, median over repeats.
+3. Rollouts to a fleet of 20 agents over a private broker (each its own MQTT connection): time
+   from the aggregator starting to publish until every device serves the model. Every timed
+   rollout is a new model version (the B1 weights nudged, as a further round would) that no
+   device holds yet, so each device fetches the chunks, verifies them, writes the file
+   atomically, swaps its ONNX Runtime session and reports; median, min and max over repeats.
 4. Resident memory of an inference-only process (device.inference, no torch), next to one that
    serves the same model with PyTorch.
 
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from aggregator.checkpoint import Checkpointer
-from aggregator.deploy import Rollout, follow_statuses, store_for
+from aggregator.deploy import Rollout, export, follow_statuses, store_for
 from aggregator.registry import DeviceRegistry
 from benchmarks.common import median, table, write_results
 from broker import PrivateBroker
@@ -37,7 +41,7 @@ from device.inference import InferenceServer
 from edgefl.config import DeviceConfig, RunConfig, load
 from edgefl.data import Dataset, dirichlet_partition, load_digits_split
 from edgefl.demo import run_local
-from edgefl.models import build_model, set_weights
+from edgefl.models import build_model, get_weights, model_info, set_weights
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
 
@@ -80,12 +84,17 @@ def latency_ms(fn, x, repeats: int, calls: int) -> float:
     return float(median(blocks))
 
 
-def rollouts(store_dir: Path, version: int, repeats: int) -> list[float]:
-    """Roll the exported model out to 20 fresh agents, fp32 and int8 in turn."""
+def rollouts(
+    store_dir: Path, model: nn.Module, version: int, test: Dataset, repeats: int
+) -> list[float]:
+    """Roll ``repeats`` new model versions out to 20 fresh agents, one after the other."""
     train, _ = load_digits_split()
     parts = dirichlet_partition(train.y, 20, 0.5, seed=0, min_samples=10)
     ids = [f"dev-{i:02d}" for i in range(20)]
     times = []
+    store = store_for(store_dir)
+    base = store.info(version) or {}
+    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp, PrivateBroker("b5", device_ids=ids) as broker:
         pool = ThreadPoolExecutor(4)
         agents = [
@@ -107,10 +116,37 @@ def rollouts(store_dir: Path, version: int, repeats: int) -> list[float]:
         follow_statuses(link, topics, registry)
         with link:
             registry.wait_online(20, 30)
-            rollout = Rollout(link, topics, registry, "mlp_digits", store_for(store_dir), cfg)
+            rollout = Rollout(link, topics, registry, "mlp_digits", store, cfg)
             for i in range(repeats):
-                r = rollout.publish(version, "int8" if i % 2 else "fp32")
-                assert r["devices_serving"] == 20, r
+                # the next version: the B1 weights plus a small nudge, as one more round would
+                # give; exporting it (not timed) makes a file no device has seen
+                new = version + 1 + i
+                nudged = copy.deepcopy(model)
+                set_weights(
+                    nudged,
+                    {
+                        k: w + rng.normal(0, 1e-3, w.shape).astype(np.float32)
+                        for k, w in get_weights(model).items()
+                    },
+                )
+                exported = export(
+                    nudged,
+                    model_info("mlp_digits"),
+                    store,
+                    version=new,
+                    round_=int(base.get("round", 0)),
+                    accuracy=None,
+                    eval_data=test,
+                    int8=cfg.int8,
+                )
+                sha = exported["variants"][cfg.variant]["sha256"]
+                # devices keep models by SHA-256: none may hold this one, or it would not be
+                # downloaded and the figure would be a reload from disk
+                assert all(a.deployment.store.path(sha) is None for a in agents), new
+                r = rollout.publish(new)
+                assert r["promoted"] and r["devices_serving"] == 20, r
+                assert r["sha256"] == sha
+                assert all(a.server.info.get("sha256") == sha for a in agents)
                 times.append(r["rollout_s"])
         for a in agents:
             a.stop()
@@ -156,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         print("rollouts to 20 devices ...", flush=True)
-        times = rollouts(agg_dir, version, args.repeats)
+        times = rollouts(agg_dir, model, version, test, args.repeats)
 
         xfile = Path(tmp) / "x.npy"
         np.save(xfile, test.X)
@@ -186,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "ort_int8_b1_ms": lat["ort_int8_b1_ms"],
         "ort_int8_b64_ms": lat["ort_int8_b64_ms"],
         "rollout_s": median(times),
+        "rollout_s_min": min(times),
+        "rollout_s_max": max(times),
         "rollout_s_all": times,
         "rollout_in_b1_run_s": run.metrics["deployment"]["rollout_s"],
         "inference_rss_mb": rss["onnx"],
@@ -207,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                         "int8 file, bytes (ratio to fp32)",
                         f"{f['int8_bytes']} ({f['int8_bytes'] / f['fp32_bytes']:.2f})",
                     ],
-                    [f"rollout to 20 devices, s (median of {len(times)})", f["rollout_s"]],
+                    [
+                        f"rollout of a new version to 20 devices, s (median of {len(times)})",
+                        f["rollout_s"],
+                    ],
+                    [
+                        "  fastest / slowest, s",
+                        f"{f['rollout_s_min']:.4g} / {f['rollout_s_max']:.4g}",
+                    ],
                     ["inference-only process peak RSS, MB (ONNX Runtime)", f["inference_rss_mb"]],
                     ["same with PyTorch, MB", f["torch_inference_rss_mb"]],
                 ],

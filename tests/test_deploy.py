@@ -3,7 +3,10 @@ rollback, and serving on the device (ONNX Runtime only)."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -11,15 +14,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+from aggregator import deploy
 from aggregator.deploy import rollback_command
 from device.http import serve_http
-from device.inference import InferenceServer
-from edgefl.models import set_weights
+from device.inference import InferenceServer, LocalModels
+from edgefl import onnx_export
+from edgefl.models import ModelInfo, set_weights
+from edgefl.mqtt import MqttLink
 from edgefl.onnx_export import onnx_logits
-from tests.conftest import wait_until
+from tests.conftest import FLEET, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +68,163 @@ def test_rollout_reaches_every_device_including_a_late_one(make_fleet, digits) -
         assert agent.server.version == exported["version"]
         assert agent.server.info["sha256"] == deployed["sha256"]
         np.testing.assert_array_equal(agent.server.predict(test.X), expected)
+
+
+def test_a_device_that_was_offline_during_a_rollout_serves_the_new_model(
+    make_fleet, digits
+) -> None:
+    fleet = make_fleet(devices=2)
+    _, test = digits
+    with _trained(fleet, devices=2) as agg:
+        agg.run()
+        before = agg.export()
+        first = agg.deploy(before)
+        assert first["devices_serving"] == 2
+        away = fleet.agents["dev-1"]
+        assert away.server.version == first["version"]
+        state_dir = Path(away.cfg.state_dir)
+        away.stop()
+        wait_until(lambda: not agg.registry.get("dev-1").online, what="dev-1 offline")
+
+        # a new version, rolled out while dev-1 is away; its predictions differ from the
+        # first model's, so serving the old one cannot pass for serving the new one
+        _sabotage(agg)
+        exported = agg.export()
+        second = agg.deploy(exported)
+        assert second["promoted"] and second["devices_online"] == second["devices_serving"] == 1
+        expected = onnx_logits(exported["path"], test.X).argmax(1)
+        assert not np.array_equal(expected, onnx_logits(before["path"], test.X).argmax(1))
+        # dev-1 has never held it: it must fetch it when it comes back
+        assert LocalModels(state_dir / "models").path(second["sha256"]) is None
+
+        back = fleet.start_agent(1)  # a new agent on the same state_dir
+        assert Path(back.cfg.state_dir) == state_dir
+        wait_until(lambda: back.server.version == second["version"], what="dev-1 on the new model")
+        wait_until(
+            lambda: agg.registry.get("dev-1").serving_seq == second["seq"],
+            what="dev-1 reporting the new deployment",
+        )
+    assert back.server.info["sha256"] == second["sha256"]
+    assert LocalModels(state_dir / "models").current()["version"] == second["version"]
+    np.testing.assert_array_equal(back.server.predict(test.X), expected)
+
+
+def _publish_packet_bytes(topic: str, payload: bytes) -> int:
+    """Size of the MQTT 5 PUBLISH packet (QoS 1, no properties) that carries ``payload``."""
+    remaining = 2 + len(topic.encode()) + 2 + 1 + len(payload)  # topic, packet id, properties
+    varint = 1
+    while remaining >= 128**varint:
+        varint += 1
+    return 1 + varint + remaining
+
+
+def test_chunks_follow_the_brokers_packet_limit(make_fleet, broker, digits) -> None:
+    fleet = make_fleet(devices=2)
+    _, test = digits
+    limit = broker.max_packet_size
+    # the aggregator would cut chunks four times larger than the broker takes
+    with _trained(fleet, devices=2, chunk_bytes=4 * limit) as agg:
+        agg.registry.wait_online(2, 10)
+        assert agg.link.max_packet_size == limit  # learnt from the broker's CONNACK
+        # a model whose ONNX file is more than twice the broker's packet limit
+        wide = nn.Sequential(nn.Linear(64, 8192), nn.ReLU(), nn.Linear(8192, 10))
+        info = ModelInfo("mlp_digits", (64,), 10, lambda: wide)
+        exported = deploy.export(
+            wide, info, agg.store, version=1, round_=0, accuracy=None, eval_data=test, int8=False
+        )
+        body = Path(exported["path"]).read_bytes()
+        assert len(body) > 2 * limit
+
+        seen: dict[str, bytes] = {}
+
+        def on_chunk(topic: str, payload: bytes) -> None:
+            if payload:  # not the clearing of an older model's retained chunks
+                seen[topic] = payload
+
+        # a read-only account sees every chunk as the broker passed it on
+        watcher = MqttLink("test-watcher", broker.broker_config(broker.monitor), clean_start=True)
+        watcher.subscribe(f"edgefl/{FLEET}/model/onnx/blob/#", on_chunk)
+        with watcher:
+            deployed = agg.rollout.publish(exported["version"])
+            assert deployed["promoted"] and deployed["devices_serving"] == 2
+            wait_until(lambda: len(seen) == deployed["chunks"], what="every chunk at the watcher")
+    assert deployed["chunks"] >= 3
+    assert all(_publish_packet_bytes(t, p) <= limit for t, p in seen.items())
+    # what travelled is the file, whole, in order
+    parts = sorted((msgpack.unpackb(p)["i"], msgpack.unpackb(p)["data"]) for p in seen.values())
+    assert b"".join(data for _, data in parts) == body
+    assert deployed["sha256"] == hashlib.sha256(body).hexdigest()
+    expected = onnx_logits(exported["path"], test.X).argmax(1)
+    for agent in fleet.agents.values():
+        assert agent.deployment.store.path(deployed["sha256"]).read_bytes() == body
+        np.testing.assert_array_equal(agent.server.predict(test.X), expected)
+
+
+def _corrupting_export(real):
+    """export_onnx that writes a slightly different model than it was given: what a broken
+    exporter does. The difference (0.01 on one output's bias) barely changes predictions, so
+    only the parity check can see it."""
+
+    def export(model, path, input_shape, metadata=None):
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong[-1].bias[0] += 0.01
+        return real(wrong, path, input_shape, metadata)
+
+    return export
+
+
+def test_an_export_that_disagrees_with_pytorch_is_not_rolled_out(
+    make_fleet, monkeypatch, caplog
+) -> None:
+    fleet = make_fleet(devices=2)
+    with _trained(fleet, devices=2) as agg:
+        agg.run()
+        good = agg.deploy(agg.export())
+        assert good["promoted"]
+        monkeypatch.setattr(onnx_export, "export_onnx", _corrupting_export(onnx_export.export_onnx))
+        agg.version += 1  # the next model; its export goes wrong
+        bad = agg.export()
+        tolerance = agg.cfg.deploy.parity_tolerance
+        assert bad["parity_max_abs"] > tolerance
+        with caplog.at_level(logging.ERROR, logger="aggregator.deploy"):
+            refused = agg.deploy(bad)
+            # nor its int8 variant, which was made from the same broken file
+            refused_int8 = agg.rollout.publish(bad["version"], "int8")
+        assert not refused["promoted"] and "parity_tolerance" in refused["refused"]
+        assert not refused_int8["promoted"] and "parity_tolerance" in refused_int8["refused"]
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(f"refused to roll out model v{bad['version']}" in m for m in errors), errors
+        # the fleet never saw it: the manifest and every device stay on the good model
+        assert agg.store.current()["seq"] == good["seq"]
+        assert all(a.server.info["seq"] == good["seq"] for a in fleet.agents.values())
+        assert all(r.serving_seq == good["seq"] for r in agg.registry.online())
+
+        # the refusal is the tolerance's doing: with a looser one the same export goes out
+        agg.cfg.deploy.parity_tolerance = 0.1
+        loose = agg.deploy(bad)
+        assert loose["promoted"] and loose["devices_serving"] == 2
+    assert all(a.server.version == bad["version"] for a in fleet.agents.values())
+
+
+def test_int8_is_judged_by_accuracy_not_by_the_fp32_tolerance(make_fleet) -> None:
+    fleet = make_fleet(devices=2)
+    with _trained(fleet, devices=2) as agg:
+        agg.run()
+        exported = agg.export()
+        entry = agg.store.info(exported["version"])
+        int8 = entry["variants"]["int8"]
+        # quantisation moves logits far more than the fp32 tolerance allows ...
+        assert int8["parity_max_abs"] > agg.cfg.deploy.parity_tolerance
+        # ... yet the int8 model goes out, its accuracy being within the margin of fp32's
+        assert entry["variants"]["fp32"]["accuracy"] - int8["accuracy"] <= 0.02
+        served = agg.rollout.publish(exported["version"], "int8")
+        assert served["promoted"] and served["devices_serving"] == 2
+        # with a margin it cannot meet it would not
+        agg.cfg.deploy.int8_margin = -0.5
+        again = agg.rollout.publish(exported["version"], "int8")
+    assert not again["promoted"] and "int8_margin" in again["refused"]
+    assert agg.store.current()["seq"] == served["seq"]
 
 
 def test_export_makes_an_int8_variant_in_a_versioned_store(make_fleet, digits) -> None:
