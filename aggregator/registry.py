@@ -6,9 +6,9 @@ Per device it keeps:
   silent device comes back with its next telemetry; one whose Will fired needs a new birth;
 - the last telemetry, and the freshest battery reading (telemetry, or the figures an update or
   reply carries);
-- its power model (from the birth), measured throughput (samples/s of local training, from
-  past updates and replies), and the latency around its work (task to update, minus training
-  and upload);
+- its power model and, for a device that knows it, its net charging power (from the birth),
+  measured throughput (samples/s of local training, from past updates and replies), and the
+  latency around its work (task to update, minus training and upload);
 - reliability: the share of assigned rounds it did not miss the deadline of (declines are not
   held against it), and the energy its work is estimated to have used.
 """
@@ -16,6 +16,7 @@ Per device it keeps:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class DeviceRecord:
     telemetry: Telemetry | None = None
     telemetry_at: float = 0.0  # our clock, not the device's: device clocks drift
     power: PowerModel | None = None  # from the birth; None: not reported
+    # net power into its battery while charging (birth); None: not known, as for a real device
+    # on its charger, which then counts as not draining
+    charge_w: float | None = None
     battery_pct: float | None = None  # freshest reading from telemetry, updates or replies
     charging: bool | None = None
     battery_at: float = 0.0
@@ -80,6 +84,10 @@ class DeviceRecord:
     def link_kbps(self) -> float | None:
         return self.telemetry.link_kbps if self.telemetry is not None else None
 
+    @property
+    def mem_available_mb(self) -> float | None:
+        return self.telemetry.mem_available_mb if self.telemetry is not None else None
+
     def upload_s(self, nbytes: int) -> float:
         """Seconds the device's link needs for ``nbytes`` (0 if it reports no bandwidth)."""
         kbps = self.link_kbps
@@ -93,6 +101,35 @@ class DeviceRecord:
     def on_battery(self) -> bool:
         """Runs on a battery that is not charging (the battery floor applies)."""
         return self.battery_pct is not None and not self.charging
+
+    def net_draw_w(self) -> tuple[float, float] | None:
+        """Watts that (training, uploading) take out of its battery, net of charging, or None
+        if its work does not drain it: on mains, or charging with power to spare or at an
+        unknown power (a real device only knows it is plugged in)."""
+        if self.battery_pct is None:
+            return None
+        p = self.power or DEFAULT_POWER
+        if not self.charging:
+            return p.compute_w, p.radio_w
+        if self.charge_w is None:
+            return None
+        draw = max(0.0, p.compute_w - self.charge_w), max(0.0, p.radio_w - self.charge_w)
+        return draw if any(draw) else None
+
+
+def _charge_w(device_id: str, capabilities: dict[str, Any]) -> float | None:
+    value = capabilities.get("charge_w")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0.0 <= value <= 10_000.0
+    ):
+        log.warning("%s: ignored its charging power %r", device_id, value)
+        return None
+    return float(value)
 
 
 class DeviceRegistry:
@@ -137,6 +174,7 @@ class DeviceRegistry:
                 except WireError as e:
                     log.warning("%s: ignored its power model: %s", device_id, e)
                     rec.power = None
+                rec.charge_w = _charge_w(device_id, status.capabilities)
                 if status.telemetry is not None:
                     # the birth's reading lets a device be scheduled before its first report
                     self._telemetry(rec, status.telemetry)

@@ -12,16 +12,24 @@ codec: every eligible device, or a seeded random sample of ``rounds.participants
    [train] workload, judged from each one's measured throughput (samples/s of past local
    training), upload time (update bytes / its link's bandwidth) and latency; at most
    ``deadline_s / (1 + deadline_slack)``. A fixed ``budget_s`` may replace it.
-2. codec: the least compressed codec of ``schedule.codecs`` whose upload fits in
+2. batch size: the [train] batch size, at most its samples, halved (down to
+   ``min_batch_size``) while the training memory :func:`training_memory_bytes` estimates is
+   more than ``memory_share`` of the free memory its telemetry reports; a device that cannot
+   hold even ``min_batch_size`` sits the round out. Steps are counted in its own batch size,
+   so steps x batch = samples, and time (samples over measured samples/s) and FedNova's step
+   counts stay right.
+3. codec: the least compressed codec of ``schedule.codecs`` whose upload fits in
    ``upload_share`` of the budget, else the most compressed one.
-3. local steps: as many as its throughput allows in what the budget leaves after upload and
+4. local steps: as many as its throughput allows in what the budget leaves after upload and
    latency, between ``min_work_fraction`` and ``max_work_factor`` times the [train] epochs,
    and no more than ``battery_share`` of the energy its battery holds above the floor
-   (energy = CPU seconds x its power model's watts). A device whose speed is not known yet
-   gets ``probe_epochs``.
-4. participants: every device that can do the minimum, or ``participants`` of them preferring
+   (energy = CPU seconds x its power model's watts, net of its charging power when it is
+   charging and says what that is: work that draws more than the charger gives drains a
+   charging battery too, and then none may take it under the floor, or further under it).
+   A device whose speed is not known yet gets ``probe_epochs``.
+5. participants: every device that can do the minimum, or ``participants`` of them preferring
    those that worked least, then the most reliable, then those with the most battery.
-5. the round closes at budget x (1 + ``deadline_slack``) (at ``deadline_s`` while probing).
+6. the round closes at budget x (1 + ``deadline_slack``) (at ``deadline_s`` while probing).
 
 In both modes ``rounds.overcommit`` asks for that fraction more devices than the round needs
 (``Plan.enough``); the round closes once the needed number reported and the others had
@@ -55,9 +63,10 @@ WORKLOADS = ("uniform", "adaptive")
 class Workload:
     """One device's share of a round."""
 
-    steps: int  # local SGD steps
+    steps: int  # local SGD steps, of batch_size samples each
     epochs: int  # enough epochs to hold them; the task caps the steps
     codec: dict[str, Any]
+    batch_size: int
     predicted_s: float | None = None  # task to update; None while its speed is unknown
     energy_j: float | None = None
     probe: bool = False
@@ -76,6 +85,27 @@ class Plan:
     left_out: dict[str, str] = field(default_factory=dict)  # eligible but not picked: why
 
 
+def training_memory_bytes(spec: ModelSpec, batch_size: int, samples: int = 0) -> int:
+    """Estimated peak memory of local training (edgefl/training.py) in bytes, float32 throughout.
+
+    - four copies of the parameters: the weights being trained, their gradients, the optimiser
+      state (train_local's SGD keeps none, but FedProx's anchor or a momentum buffer is one
+      copy) and the global model the delta is taken from;
+    - per sample of the batch, what backward needs and produces: for every weight matrix its
+      input and its output (fan-in + fan-out values), and a gradient for each of them;
+    - the shuffled copy of the local data train_local makes every epoch (samples x input
+      features, plus an int64 label each).
+
+    Exact for the dense models edgefl ships; it undercounts convolutions, whose activations
+    grow with the image size the shapes do not tell.
+    """
+    params = sum(math.prod(shape) for shape in spec.values())
+    matrices = [shape for shape in spec.values() if len(shape) >= 2]
+    per_sample = sum(math.prod(shape[1:]) + shape[0] for shape in matrices)
+    features = math.prod(matrices[0][1:]) if matrices else 0
+    return 4 * (4 * params + 2 * per_sample * batch_size) + samples * (4 * features + 8)
+
+
 class Scheduler:
     def __init__(
         self, cfg: AggregatorConfig, registry: DeviceRegistry, spec: ModelSpec | None = None
@@ -89,6 +119,8 @@ class Scheduler:
             raise ConfigError("schedule.budget_quantile must be in (0, 1]")
         if cfg.rounds.overcommit < 0:
             raise ConfigError("rounds.overcommit must be >= 0")
+        if sc.min_batch_size < 1 or not 0.0 < sc.memory_share <= 1.0:
+            raise ConfigError("schedule.min_batch_size must be >= 1, memory_share in (0, 1]")
         self.codecs: list[dict[str, Any]] = []
         for c in sc.codecs or [codec_from_config(cfg.codec).spec()]:
             try:
@@ -146,7 +178,7 @@ class Scheduler:
             chosen = sorted(rng.sample(chosen, want))
         deadline = time.time() + rc.deadline_s
         codec = codec_from_config(self.cfg.codec).spec()
-        task = self._task(number, base_version, tc.epochs, 0, codec, deadline)
+        task = self._task(number, base_version, tc.epochs, 0, codec, deadline, tc.batch_size)
         by_id = {r.device_id: r for r in records}
         caps = {d: local_steps(by_id[d].samples or 0, tc.epochs, tc.batch_size) for d in chosen}
         enough = self._enough(len(chosen))
@@ -178,7 +210,7 @@ class Scheduler:
         round_s = rc.deadline_s if probing else min(rc.deadline_s, budget * (1 + sc.deadline_slack))
         deadline = time.time() + round_s
         tasks = {
-            d: self._task(number, base_version, w.epochs, w.steps, w.codec, deadline)
+            d: self._task(number, base_version, w.epochs, w.steps, w.codec, deadline, w.batch_size)
             for d, w in ((d, sized[d]) for d in chosen)
         }
         return Plan(
@@ -208,13 +240,17 @@ class Scheduler:
                 w = self.workload(r, left / (1 + self.cfg.schedule.deadline_slack))
                 if isinstance(w, str):
                     continue
-                task = self._task(number, base_version, w.epochs, w.steps, w.codec, deadline)
+                task = self._task(
+                    number, base_version, w.epochs, w.steps, w.codec, deadline, w.batch_size
+                )
                 return r.device_id, task, w.steps
             steps = local_steps(n, tc.epochs, tc.batch_size)
-            predicted = self._predict(r, steps, self.codecs[0])
+            predicted = self._predict(r, steps, self.codecs[0], tc.batch_size)
             if predicted is not None and predicted > left:
                 continue
-            task = self._task(number, base_version, tc.epochs, 0, self.codecs[0], deadline)
+            task = self._task(
+                number, base_version, tc.epochs, 0, self.codecs[0], deadline, tc.batch_size
+            )
             return r.device_id, task, steps
         return None
 
@@ -226,7 +262,10 @@ class Scheduler:
         n = r.samples or 0
         if n <= 0:
             return "no local samples"
-        per_epoch = local_steps(n, 1, tc.batch_size)
+        b = self.batch_size_for(r)
+        if isinstance(b, str):
+            return b
+        per_epoch = local_steps(n, 1, b)
         full = tc.epochs * per_epoch
         most = max(1, math.floor(full * sc.max_work_factor))
         least = max(1, math.ceil(full * sc.min_work_fraction))
@@ -238,27 +277,64 @@ class Scheduler:
             steps = min(most, max(least, sc.probe_epochs * per_epoch))
         else:
             room_s = budget - upload_s - (r.latency_s or 0.0)
-            steps = min(most, self._steps_in(room_s * sps, n))
+            steps = min(most, self._steps_in(room_s * sps, n, b))
             if steps < least:
                 return f"only {max(steps, 0)} of the {least} steps it must do fit in {budget:.2f} s"
-        if r.on_battery():
+        draw = r.net_draw_w()
+        if draw is not None and r.battery_pct is not None:
+            compute_w, radio_w = draw
             power = r.power or DEFAULT_POWER
             above_j = (r.battery_pct - rc.battery_floor_pct) / 100 * power.battery_wh * 3600
-            # spread what is left above the floor over rounds: its data keeps coming, slower
-            room_j = sc.battery_share * above_j - upload_s * power.radio_w
+            # spread what is left above the floor over rounds: its data keeps coming, slower;
+            # under the floor (charging, but drawing more than the charger gives) nothing is
+            room_j = sc.battery_share * max(0.0, above_j) - upload_s * radio_w
             speed = sps or self._slowest_sps()
-            if speed and power.compute_w > 0:
-                steps = min(steps, self._steps_in(room_j / power.compute_w * speed, n))
+            if room_j <= 0:
+                steps = 0
+            elif speed and compute_w > 0:
+                steps = min(steps, self._steps_in(room_j / compute_w * speed, n, b))
             if steps < least:
-                return (
-                    f"battery {r.battery_pct:.1f}% leaves room for {max(steps, 0)} of the {least}"
-                    f" steps it must do above the floor of {rc.battery_floor_pct:g}%"
+                how = (
+                    f" (charging at {r.charge_w:g} W, less than its work draws)"
+                    if r.charging
+                    else ""
                 )
-        predicted = self._predict(r, steps, codec)
-        samples = samples_for_steps(n, tc.batch_size, steps)
+                return (
+                    f"battery {r.battery_pct:.1f}%{how} leaves room for {max(steps, 0)} of the"
+                    f" {least} steps it must do above the floor of {rc.battery_floor_pct:g}%"
+                )
+        predicted = self._predict(r, steps, codec, b)
+        samples = samples_for_steps(n, b, steps)
         energy = r.energy_j_for(samples / sps, upload_s) if sps else None
         epochs = math.ceil(steps / per_epoch)
-        return Workload(steps, epochs, codec, predicted, energy, probe)
+        return Workload(steps, epochs, codec, b, predicted, energy, probe)
+
+    def batch_size_for(self, r: DeviceRecord) -> int | str:
+        """The batch size ``r`` trains with (adaptive workloads), or why it can hold none.
+
+        The [train] batch size, at most its samples (a larger batch is the same one batch); then
+        halved, down to ``min_batch_size``, while training would take more than
+        ``memory_share`` of the free memory it reports: a device that swaps, or whose training
+        is killed for memory, helps no one. Halving keeps it simple to predict: the memory of
+        the activations halves with it."""
+        sc, tc = self.cfg.schedule, self.cfg.train
+        n = r.samples or 0
+        b = max(1, min(tc.batch_size, n))
+        free_mb = r.mem_available_mb
+        if free_mb is None:
+            return b
+        least = min(b, sc.min_batch_size)
+        allowed = sc.memory_share * free_mb * 2**20
+        need = training_memory_bytes(self.spec, b, n)
+        while need > allowed and b > least:
+            b = max(least, b // 2)
+            need = training_memory_bytes(self.spec, b, n)
+        if need > allowed:
+            return (
+                f"memory: training at batch {b} needs about {need / 2**20:.1f} MB, more than"
+                f" {sc.memory_share:g} of the {free_mb:.3g} MB it has free"
+            )
+        return b
 
     def _budget(self, records: list[DeviceRecord]) -> float | None:
         rc, sc, tc = self.cfg.rounds, self.cfg.schedule, self.cfg.train
@@ -269,28 +345,33 @@ class Scheduler:
         for r in records:
             n = r.samples or 0
             if r.throughput_sps and n > 0:
+                # the full work's samples do not depend on the batch size (at most n)
                 full = local_steps(n, tc.epochs, tc.batch_size)
-                times.append(self._predict(r, full, self.codecs[0]))
+                times.append(self._predict(r, full, self.codecs[0], tc.batch_size))
         if not times:
             return None
         return min(float(np.quantile(times, sc.budget_quantile)), cap)
 
-    def _predict(self, r: DeviceRecord, steps: int, codec: dict[str, Any]) -> float | None:
-        """Seconds from task to update for ``steps`` local steps; None if its speed is unknown."""
+    def _predict(
+        self, r: DeviceRecord, steps: int, codec: dict[str, Any], batch_size: int
+    ) -> float | None:
+        """Seconds from task to update for ``steps`` local steps of ``batch_size``; None if its
+        speed is unknown. Throughput is in samples/s, so a smaller batch (more steps for the
+        same samples) costs the same time here; its real per-sample overhead shows in the
+        measured throughput after its first round with it."""
         if not r.throughput_sps:
             return None
-        samples = samples_for_steps(r.samples or 0, self.cfg.train.batch_size, steps)
+        samples = samples_for_steps(r.samples or 0, batch_size, steps)
         return (
             samples / r.throughput_sps
             + r.upload_s(self.payload_bytes(codec))
             + (r.latency_s or 0.0)
         )
 
-    def _steps_in(self, samples: float, n: int) -> int:
-        """The most local steps that go through at most ``samples`` samples."""
+    def _steps_in(self, samples: float, n: int, b: int) -> int:
+        """The most local steps of batch ``b`` that go through at most ``samples`` samples."""
         if samples <= 0:
             return 0
-        b = self.cfg.train.batch_size
         per_epoch = local_steps(n, 1, b)
         epochs, rest = divmod(samples, n)
         return int(epochs) * per_epoch + min(per_epoch - 1, int(rest // b))
@@ -305,16 +386,21 @@ class Scheduler:
                 return codec
         return self.codecs[-1]
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's tensor shapes (built from its name when not given)."""
+        if self._spec is None:
+            from edgefl.models import build_model, model_spec
+
+            self._spec = model_spec(build_model(self.cfg.model.name))
+        return self._spec
+
     def payload_bytes(self, codec: dict[str, Any]) -> int:
         """Size of an update envelope with ``codec``, measured on a random delta once."""
         key = repr(sorted(codec.items()))
         if key not in self._bytes:
-            if self._spec is None:
-                from edgefl.models import build_model, model_spec
-
-                self._spec = model_spec(build_model(self.cfg.model.name))
             rng = np.random.default_rng(0)
-            delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self._spec.items()}
+            delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self.spec.items()}
             update = Update("x", 1, 0, 1, delta, {f"m{i}": 0.0 for i in range(16)})
             self._bytes[key] = len(encode_update(update, make_codec(codec)))
         return self._bytes[key]
@@ -323,7 +409,9 @@ class Scheduler:
         """Fairness first (fewest rounds so far), then reliability, then battery headroom."""
 
         def headroom(r: DeviceRecord) -> float:
-            return r.battery_pct if r.on_battery() else 1000.0
+            # a charging battery that work still drains has no more headroom than its level
+            drained = r.net_draw_w() is not None and r.battery_pct is not None
+            return r.battery_pct if drained else 1000.0
 
         return sorted(
             records, key=lambda r: (r.rounds_assigned, -r.reliability, -headroom(r), r.device_id)
@@ -337,13 +425,14 @@ class Scheduler:
         max_steps: int,
         codec: dict[str, Any],
         deadline: float,
+        batch_size: int,
     ) -> Task:
         tc = self.cfg.train
         return Task(
             round=number,
             base_version=base_version,
             epochs=epochs,
-            batch_size=tc.batch_size,
+            batch_size=batch_size,
             lr=tc.lr,
             codec=codec,
             deadline=deadline,

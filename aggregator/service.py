@@ -45,7 +45,7 @@ from edgefl.messages import (
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
-from edgefl.robust import make_accumulator
+from edgefl.robust import accumulator_for
 from edgefl.strategies import make_strategy
 from edgefl.topics import Topics
 from edgefl.training import evaluate
@@ -172,6 +172,7 @@ class Aggregator:
     def stop(self) -> None:
         self._stopping.set()
         self._wake_round()
+        self.checkpointer.wait_flushed()  # the last round's acknowledgements go out first
         if self.link.connected.is_set():
             info = self.link.publish(
                 self.topics.aggregator_status, self._status("offline").to_payload(), retain=True
@@ -251,8 +252,9 @@ class Aggregator:
         result = rnd.result(closed_by)
         mean = rnd.aggregate()
         metrics = self._close(result, mean, started, downlink, plan)
-        # the round is checkpointed: the broker may now forget its updates
-        rnd.release_acks()
+        # the broker may forget the round's updates once its checkpoint is on the disk: after a
+        # power cut the broker redelivers them to a model that never had them
+        self.checkpointer.when_flushed(rnd.release_acks)
         return metrics
 
     def _reopen_round(self) -> Round | None:
@@ -288,14 +290,7 @@ class Aggregator:
         return self._wait_and_close(rnd, started, 0, None)
 
     def _accumulator(self):
-        sc = self.cfg.strategy
-        return make_accumulator(
-            sc.aggregation,
-            self.spec,
-            trim=sc.trim_fraction,
-            clip=sc.clip_norm,
-            clip_multiplier=sc.clip_multiplier,
-        )
+        return accumulator_for(self.cfg.strategy, self.spec)
 
     def _close(
         self,
@@ -699,6 +694,7 @@ def _resource_metrics(
     for device_id, w in (plan.workloads if plan else {}).items():
         workloads[device_id] = {
             "steps": w.steps,
+            "batch_size": w.batch_size,
             "codec": w.codec.get("name"),
             "predicted_s": w.predicted_s,
             "probe": w.probe,

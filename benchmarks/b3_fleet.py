@@ -14,8 +14,9 @@ over a private Mosquitto (edgefl.demo.run_local), one MQTT connection per device
 The two alternate, ``--repeats`` times each; figures are medians over the runs:
 time to 90 % test accuracy (sum of round wall times up to the first round at or above it),
 updates lost (asked devices whose update did not make it into the round: at the deadline, or
-cut by overcommit), devices driven under the battery floor (a device whose battery, not
-charging, was under 20 % right after some work it did; the devices' own accounts), energy
+cut by overcommit), devices driven under the battery floor (every device, charging or not, whose
+battery fell during some work it did to below 20 %, or further below it; the devices' own
+accounts, see :func:`floor_violations`), energy
 (what the devices spent, from their CPU time and power model, lost work included; and the
 aggregator's estimate for the work it received), final accuracy after 30 rounds.
 
@@ -53,6 +54,22 @@ def run(cfg: RunConfig, label: str) -> dict[str, Any]:
         return result.metrics
 
 
+def floor_violations(hardware: dict[str, dict[str, Any]], floor: float) -> list[str]:
+    """Devices that work drove under the battery floor, or further under it, sorted.
+
+    ``hardware`` is each device's account (device/profiles.py, ``Hardware.report``): its
+    ``lowest_after_work_pct`` is the lowest level right after any work that made its battery
+    fall, charging or not (a charger weaker than the work's draw does not make it safe), and
+    None if no work ever did. A device that started under the floor and whose work only ever
+    ran while its charger kept it rising is no violation; one that fell by work at all while
+    under the floor is."""
+    return sorted(
+        d
+        for d, h in hardware.items()
+        if h.get("lowest_after_work_pct") is not None and h["lowest_after_work_pct"] < floor
+    )
+
+
 def figures(m: dict[str, Any], floor: float) -> dict[str, Any]:
     """One run's B3 figures from its metrics.json."""
     rounds = m["rounds"]
@@ -66,11 +83,7 @@ def figures(m: dict[str, Any], floor: float) -> dict[str, Any]:
     hardware: dict[str, dict[str, Any]] = {}
     for proc in m["device_processes"].values():
         hardware.update(proc.get("hardware", {}))
-    under = sorted(
-        d
-        for d, h in hardware.items()
-        if h["lowest_after_work_pct"] is not None and h["lowest_after_work_pct"] < floor
-    )
+    under = floor_violations(hardware, floor)
     return {
         "time_to_90_s": time_to,
         "rounds_to_90": round_to,

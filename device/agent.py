@@ -1,8 +1,10 @@
 """The device agent: what runs on each Pi-class device.
 
 It announces itself (retained ``online`` birth, ``offline`` Last Will), reports telemetry, keeps
-the latest global model (checked by SHA-256), trains on its local data when given a task, and
-publishes the delta as an update envelope with QoS 1.
+the latest global model (checked by SHA-256), trains on its local data when given a task (with
+the task's epochs, step cap and batch size), and publishes the delta as an update envelope with
+QoS 1. A real device times each update until its PUBACK to learn its uplink bandwidth, which its
+telemetry then reports (device/profiles.py, edgefl/telemetry.py LinkEstimator).
 
 Everything the agent receives is checked before use; a bad message is logged and dropped. The
 agent never blocks its network thread: training runs on an executor, so telemetry and
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from paho.mqtt.client import MQTTMessageInfo
 
 from device import inference
 from device.deployment import DeploymentClient
@@ -47,6 +50,10 @@ from edgefl.topics import Topics
 from edgefl.training import local_steps, samples_for_steps, train_local
 
 log = logging.getLogger(__name__)
+
+# how long to wait for an update's PUBACK to time the uplink; a link slower than this for one
+# update gives no sample (and the scheduler will have given up on it anyway)
+UPLOAD_WATCH_S = 600.0
 
 
 @dataclass
@@ -349,7 +356,10 @@ class DeviceAgent:
             self._reply(task, "late", "finished after the deadline", {"cpu_s": cpu_s})
             return
         self.encoder.commit()  # its error feedback is now the device's (device/updates.py)
-        self.link.publish(self.topics.update(self.id), payload, qos=1)
+        sent_at, connects = time.monotonic(), self.link.connects
+        info = self.link.publish(self.topics.update(self.id), payload, qos=1)
+        if self.hardware.measures_link:
+            self._time_upload(info, len(payload), sent_at, connects)
         self.stats.updates_sent += 1
         self.stats.train_seconds += train_s
         log.debug(
@@ -364,23 +374,30 @@ class DeviceAgent:
     # -- resources: battery guard, simulated pace, replies ---------------------------------------
 
     def _refusal(self, task: Task) -> str | None:
-        """Why the task must be declined, or None. The agent never lets work take its battery
-        under its floor unless it is charging, whatever the aggregator believes."""
+        """Why the task must be declined, or None. Whatever the aggregator believes, the agent
+        never lets work take its battery under its floor, or further under it. Charging counts
+        by the net drain: a simulated device knows its charging power, and work that draws
+        more than that drains it too; a real device on its charger counts as not draining."""
         pct, charging = self.hardware.battery()
-        if pct is None or charging:
+        if pct is None:
             return None
         n = len(self.data)
         steps = local_steps(n, task.epochs, task.batch_size, task.max_steps)
         samples = samples_for_steps(n, task.batch_size, steps)
         compute_s = self.hardware.predict_compute_s(samples, self._measured_sps) or 0.0
         nbytes = self._last_payload_bytes or 4 * sum(int(np.prod(s)) for s in self.spec.values())
-        need = self.hardware.percent_of(
-            self.hardware.energy(compute_s, self.hardware.upload_s(nbytes))
-        )
         floor = self.cfg.battery_floor_pct
+        how = " while charging" if charging else ""
+        if pct < floor and self.hardware.drain_pct(1.0, 0.0) > 0:
+            # already under: any work that drains it takes it further under, and this needs no
+            # estimate of the work (there is none before the first task measured the speed)
+            return f"battery: {pct:.1f}% is under the floor of {floor:g}% and work drains it{how}"
+        need = self.hardware.drain_pct(compute_s, self.hardware.expected_upload_s(nbytes))
+        if need <= 0:
+            return None
         if pct - need < floor:
             return (
-                f"battery: {pct:.1f}% would fall to {pct - need:.1f}%, under the floor of "
+                f"battery: {pct:.1f}% would fall to {pct - need:.1f}%{how}, under the floor of "
                 f"{floor:g}%"
             )
         return None
@@ -404,7 +421,7 @@ class DeviceAgent:
             if superseded or extra > left:
                 done = result.seconds + (time.time() - started)
                 share = min(1.0, done / wall_s)
-                self.hardware.spend(self.hardware.energy(cpu_s * share, 0.0))
+                self.hardware.spend(self.hardware.energy(cpu_s * share, 0.0), done)
                 self._reply(
                     task,
                     "superseded" if superseded else "late",
@@ -416,7 +433,7 @@ class DeviceAgent:
                     },
                 )
                 return None
-        self.hardware.spend(self.hardware.energy(cpu_s, 0.0))
+        self.hardware.spend(self.hardware.energy(cpu_s, 0.0), wall_s)
         return wall_s, cpu_s
 
     def _upload(self, task: Task, payload: bytes) -> bool:
@@ -428,7 +445,8 @@ class DeviceAgent:
         started = time.time()
         left = task.deadline - started
         superseded = self._cancel.wait(max(0.0, min(upload_s, left)))
-        self.hardware.spend(self.hardware.energy(0.0, time.time() - started))
+        took = time.time() - started
+        self.hardware.spend(self.hardware.energy(0.0, took), took)
         if superseded or upload_s > left:
             self._reply(
                 task,
@@ -437,6 +455,27 @@ class DeviceAgent:
             )
             return False
         return True
+
+    def _time_upload(
+        self, info: MQTTMessageInfo, nbytes: int, sent_at: float, connects: int
+    ) -> None:
+        """Time a published update until its PUBACK, for the uplink estimate. A thread of its
+        own waits, so that neither the worker nor the network thread does."""
+
+        def watch() -> None:
+            give_up = sent_at + UPLOAD_WATCH_S
+            try:
+                while not info.is_published():
+                    if self._stop.is_set() or time.monotonic() > give_up:
+                        return
+                    info.wait_for_publish(timeout=0.5)
+            except (RuntimeError, ValueError):
+                return  # not sent now (the link is down): it goes later, untimed
+            if self.link.connects != connects:
+                return  # it went over a reconnect: the time says nothing about the link
+            self.hardware.observe_upload(nbytes, time.monotonic() - sent_at)
+
+        threading.Thread(target=watch, name=f"uplink-{self.id}", daemon=True).start()
 
     def _battery_metrics(self) -> dict[str, float]:
         pct, charging = self.hardware.battery()

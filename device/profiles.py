@@ -3,7 +3,8 @@
 Two kinds, one interface, chosen by the ``[profile]`` table of the device's configuration:
 
 - :class:`RealHardware` reads the machine through psutil (battery and temperature where the
-  board has sensors) and adds nothing to the time work takes.
+  board has sensors) and adds nothing to the time work takes. Its uplink bandwidth it learns
+  from the agent's timed uploads (edgefl.telemetry.LinkEstimator), unless ``link_kbps`` fixes it.
 - :class:`SimulatedHardware` plays a device of another kind on this machine: ``slowdown`` times
   slower, with a battery that drains with the energy its work uses and may be charging, and an
   upload link of ``link_kbps``. Slowness and bandwidth take real wall time (the agent sleeps for
@@ -15,7 +16,9 @@ Both estimate energy with the same power model (ARCHITECTURE.md leaves it to the
     energy_j = cpu_s * compute_w + upload_s * radio_w
 
 and a battery of ``battery_wh`` loses ``energy_j / (battery_wh * 3600) * 100`` percent for it:
-that is the drain per unit of work.
+that is the drain per unit of work. A charging battery gains its net charging power meanwhile:
+a simulated device knows it (``charge_w``), so work that draws more than that drains it too; a
+real device cannot tell its charger's power, so on its charger it counts as not draining.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from edgefl.config import ProfileConfig
 from edgefl.messages import PowerModel, Telemetry
-from edgefl.telemetry import read_battery, read_system
+from edgefl.telemetry import LinkEstimator, read_battery, read_system
 
 
 class Hardware:
@@ -41,20 +44,46 @@ class Hardware:
         self._lock = threading.Lock()
         self.energy_j = 0.0  # spent on work since the agent started
         self.battery_start_pct, _ = self.battery()
-        # the lowest battery level right after any work done while not charging
+        # the lowest battery level right after any work that made it fall (charging or not)
         self.lowest_after_work_pct: float | None = None
+        # a real device's uplink: fixed by its profile, or learnt from its uploads
+        self.uplink = LinkEstimator(max(1, profile.link_min_bytes))
 
     # -- readings -------------------------------------------------------------------------------
 
     def telemetry(self, samples: int) -> Telemetry:
-        return read_system(samples)
+        return read_system(samples, self.link_kbps())
+
+    def link_kbps(self) -> float | None:
+        """The uplink bandwidth to report: the profile's, else the measured one (None until an
+        upload large enough to judge by was timed)."""
+        return self.profile.link_kbps or self.uplink.kbps
+
+    @property
+    def measures_link(self) -> bool:
+        """Whether the agent should time its uploads for :meth:`observe_upload`."""
+        return not self.profile.link_kbps
+
+    def observe_upload(self, nbytes: int, seconds: float) -> None:
+        """One upload of ``nbytes`` took ``seconds`` from publish to PUBACK."""
+        if self.measures_link:
+            self.uplink.observe(nbytes, seconds)
 
     def battery(self) -> tuple[float | None, bool | None]:
         """(percent, charging), or (None, None) on mains power or without a sensor."""
         return read_battery()
 
     def capabilities(self) -> dict[str, Any]:
-        return {"power": asdict(self.power), "simulated": self.simulated}
+        caps: dict[str, Any] = {"power": asdict(self.power), "simulated": self.simulated}
+        charge_w = self.charge_w()
+        if charge_w is not None:
+            caps["charge_w"] = charge_w  # lets the scheduler size work for a charging battery
+        return caps
+
+    def charge_w(self) -> float | None:
+        """Net power into the battery while charging; None where it is not known (a real
+        device: psutil says only that it is plugged in)."""
+        return None
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -71,6 +100,12 @@ class Hardware:
         """Extra seconds an upload of ``nbytes`` takes beyond the real network."""
         return 0.0
 
+    def expected_upload_s(self, nbytes: int) -> float:
+        """Seconds the radio is busy sending ``nbytes``, by the link bandwidth this hardware
+        reports (0 while it knows none), for energy estimates."""
+        kbps = self.link_kbps()
+        return nbytes * 8 / (kbps * 1000.0) if kbps else 0.0
+
     # -- energy ---------------------------------------------------------------------------------
 
     def energy(self, cpu_s: float, upload_s: float) -> float:
@@ -80,12 +115,44 @@ class Hardware:
         """Battery percent that ``joules`` take."""
         return joules / (self.power.battery_wh * 3600.0) * 100.0
 
-    def spend(self, joules: float) -> None:
-        """Account for work done; a simulated battery drains by it."""
+    def net_j(self, joules: float, seconds: float, charging: bool | None) -> float | None:
+        """What work using ``joules`` over ``seconds`` takes out of the battery, net of
+        charging (negative: the battery still gains); None if it cannot drain it (no battery,
+        or charging at a power this hardware cannot tell)."""
+        if not charging:
+            return joules
+        charge_w = self.charge_w()
+        return None if charge_w is None else joules - charge_w * seconds
+
+    def drain_pct(self, compute_s: float, upload_s: float) -> float:
+        """How far below its present level training for ``compute_s`` and then uploading for
+        ``upload_s`` takes the battery at the lowest point, in percent (0: it does not fall).
+        The lowest point may come before the end: charging can make up during the upload for
+        what the training took."""
+        pct, charging = self.battery()
+        if pct is None:
+            return 0.0
+        p = self.power
+        train = self.net_j(compute_s * p.compute_w, compute_s, charging)
+        upload = self.net_j(upload_s * p.radio_w, upload_s, charging)
+        if train is None or upload is None:
+            return 0.0
+        return self.percent_of(max(0.0, train, train + upload))
+
+    def spend(self, joules: float, seconds: float = 0.0) -> None:
+        """Account for work done that used ``joules`` over ``seconds``; a simulated battery
+        drains by it (and gained meanwhile if charging). A battery that fell by the work, while
+        charging or not, counts for :attr:`lowest_after_work_pct`."""
         with self._lock:
             self.energy_j += joules
+        self._note_level(joules, seconds)
+
+    def _note_level(self, joules: float, seconds: float) -> None:
         pct, charging = self.battery()
-        if pct is not None and not charging:
+        if pct is None:
+            return
+        net = self.net_j(joules, seconds, charging)
+        if net is not None and net > 0:
             with self._lock:
                 low = self.lowest_after_work_pct
                 self.lowest_after_work_pct = pct if low is None else min(low, pct)
@@ -115,18 +182,35 @@ class SimulatedHardware(Hardware):
             raise ValueError(f"profile.slowdown must be at least 1, not {profile.slowdown}")
         if profile.battery_pct is not None and not 0.0 <= profile.battery_pct <= 100.0:
             raise ValueError(f"profile.battery_pct must be 0-100, not {profile.battery_pct}")
-        if profile.battery_wh <= 0 or profile.base_sps < 0 or profile.link_kbps < 0:
-            raise ValueError("profile.battery_wh must be positive; base_sps, link_kbps >= 0")
+        if (
+            profile.battery_wh <= 0
+            or profile.base_sps < 0
+            or profile.link_kbps < 0
+            or profile.charge_w < 0
+            or profile.mem_available_mb < 0
+        ):
+            raise ValueError(
+                "profile.battery_wh must be positive; base_sps, link_kbps, charge_w and "
+                "mem_available_mb >= 0"
+            )
         self._level = profile.battery_pct
         self._charging = bool(profile.charging) if profile.battery_pct is not None else None
         self._since = time.monotonic()
         super().__init__(profile)
 
     def telemetry(self, samples: int) -> Telemetry:
-        reading = read_system(samples)
+        reading = read_system(samples, self.profile.link_kbps or None)
         reading.battery_percent, reading.charging = self.battery()
-        reading.link_kbps = self.profile.link_kbps or None
+        if self.profile.mem_available_mb > 0:
+            reading.mem_available_mb = self.profile.mem_available_mb
         return reading
+
+    @property
+    def measures_link(self) -> bool:
+        return False  # the profile is the link; 0 means no limit, not unknown
+
+    def charge_w(self) -> float | None:
+        return self.profile.charge_w if self._level is not None else None
 
     def battery(self) -> tuple[float | None, bool | None]:
         with self._lock:
@@ -157,12 +241,13 @@ class SimulatedHardware(Hardware):
         kbps = self.profile.link_kbps
         return nbytes * 8 / (kbps * 1000.0) if kbps > 0 else 0.0
 
-    def spend(self, joules: float) -> None:
-        self.battery()  # bring charging up to now first
+    def spend(self, joules: float, seconds: float = 0.0) -> None:
+        self.battery()  # bring charging up to now first: it went on during the work
         with self._lock:
+            self.energy_j += joules
             if self._level is not None:
                 self._level = max(0.0, self._level - self.percent_of(joules))
-        super().spend(joules)
+        self._note_level(joules, seconds)
 
 
 def make_hardware(profile: ProfileConfig) -> Hardware:

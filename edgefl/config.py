@@ -172,6 +172,12 @@ class ScheduleConfig:
     # The round's deadline is budget * (1 + deadline_slack) after it opens, at most
     # rounds.deadline_s; a round with a device of unknown speed gets rounds.deadline_s.
     deadline_slack: float = 0.5
+    # Adaptive batch size: the [train] batch size (at most the device's samples), halved down
+    # to min_batch_size while training's estimated memory (aggregator/scheduler.py,
+    # training_memory_bytes) exceeds memory_share of the free memory the device reports; a
+    # device that cannot hold even min_batch_size sits the round out.
+    min_batch_size: int = 8
+    memory_share: float = 0.5
 
 
 @dataclass
@@ -221,6 +227,17 @@ class DeployConfig:
     int8: bool = True
     # which variant the fleet serves: "fp32" (exact) or "int8" (a third of the bytes)
     variant: str = "fp32"
+    # An export whose fp32 logits differ from PyTorch's by more than this (largest absolute
+    # difference on the held-out data) is never rolled out. Float32 rounding alone gives 0 to
+    # about 1e-5 (the B1 model, logits of order 10: 0 to 5.7e-6 depending on the CPU's
+    # kernels); a real export fault (wrong weights, a lost layer, a transposed matrix) moves
+    # logits by 1e-2 or more. Deep models with large logits accumulate more rounding: raise it
+    # for them rather than turn the check off.
+    parity_tolerance: float = 1e-4
+    # The int8 variant's logits differ from PyTorch's by ~1e-2 by design, so it is judged by
+    # accuracy instead: it is not rolled out if its held-out accuracy is more than this below
+    # the fp32 model's (and never if the fp32 export it was made from failed parity).
+    int8_margin: float = 0.02
     # publish the final model to the fleet when training ends
     rollout: bool = True
     # try a new model on this fraction of the online devices first; 0 = everyone at once
@@ -257,9 +274,9 @@ class FederationConfig:
 @dataclass
 class AggregatorConfig(FederationConfig):
     broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(username="aggregator"))
-    # A file listing the enrolled device ids, one per line (edgefl enroll --registry adds to
-    # it); anything from a device not on it is ignored and counted. Unset: any device the
-    # broker lets in.
+    # A file listing the enrolled device ids, one per line (edgefl enroll adds to it:
+    # enrolled-devices.txt in the broker's directory, or its --registry FILE); anything from a
+    # device not on it is ignored and counted. Unset: any device the broker lets in (warned).
     enrolled_devices: str | None = None
     # Held-out data (.npz with X and y) to evaluate the global model on after every round.
     eval_data: str | None = None
@@ -286,10 +303,19 @@ class ProfileConfig:
     # Battery level at the start; unset = on mains power.
     battery_pct: float | None = None
     charging: bool = False
-    # Net power into the battery while charging.
+    # Net power into the battery while charging (a simulated device; a real one cannot tell its
+    # charger's power, so a real device on its charger counts as not draining). Work that draws
+    # more than this drains a charging battery too.
     charge_w: float = 2.0
-    # Upload bandwidth in kbit/s; 0 = no limit beyond the real network.
+    # Upload bandwidth in kbit/s. Simulated: the link's bandwidth, 0 = no limit beyond the real
+    # network. Real device: 0 = measure it (bytes of each update over the time to its PUBACK,
+    # smoothed) and report that; a positive value is reported as it is instead.
     link_kbps: float = 0.0
+    # A real device learns its bandwidth only from updates at least this large: the time to
+    # the PUBACK of a small one is mostly round trip, which would make a fast link look slow.
+    link_min_bytes: int = 16384
+    # Simulated: the free memory it reports, in MB; 0 = this machine's.
+    mem_available_mb: float = 0.0
 
 
 @dataclass

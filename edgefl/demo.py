@@ -131,7 +131,7 @@ def run_local(
     timeout_s: float = 1800.0,
 ) -> RunResult:
     """Run the configured federated training end to end; see the module docstring."""
-    from aggregator.enrolled import add_ids
+    from aggregator.enrolled import LIST_FILE, add_ids
     from broker import PrivateBroker
     from edgefl.messages import AggregatorStatus
     from edgefl.mqtt import MqttLink
@@ -165,8 +165,8 @@ def run_local(
         )
         agg_cfg.rounds.min_devices = n
         # the aggregator works with enrolled devices only, as in a deployment
-        add_ids(run_dir / "enrolled-devices.txt", device_ids)
-        agg_cfg.enrolled_devices = str(run_dir / "enrolled-devices.txt")
+        add_ids(run_dir / LIST_FILE, device_ids)
+        agg_cfg.enrolled_devices = str(run_dir / LIST_FILE)
         agg_path = _write_toml(run_dir / "aggregator.toml", agg_cfg)
         device_paths = {}
         for i, device_id in enumerate(device_ids):
@@ -406,11 +406,14 @@ def print_summary(result: RunResult) -> None:
             f"  ONNX                  {onnx['bytes'] / kib:.1f} KiB, parity with PyTorch "
             f"max |diff| {onnx['parity_max_abs']:.2e}"
         )
-    if dep:
+    if dep and dep.get("promoted"):
         lines.append(
             f"  deployment            v{dep['version']} served by {dep['devices_serving']}/"
             f"{dep['devices_online']} devices {dep['rollout_s']:.2f} s after publishing"
         )
+    elif dep:  # refused (failed its parity check) or its canaries were not healthy
+        why = dep.get("refused") or (dep.get("canary") or {}).get("reason", "not promoted")
+        lines.append(f"  deployment            v{dep['version']} NOT rolled out: {why}")
     if m.get("rejected"):
         lines.append(f"  rejected updates      {m['rejected']}")
     lines.append(f"  report                {result.run_dir}/ (metrics.json, accuracy.png, logs/)")

@@ -1,12 +1,14 @@
 """Telemetry readers: what a device says about its resources, in the Telemetry message format.
 
 On real hardware everything comes from psutil; battery and temperature are None where the board
-has no sensor (a Raspberry Pi on mains power has no battery). A simulated device reads the same
-fields from its profile instead.
+has no sensor (a Raspberry Pi on mains power has no battery). The uplink bandwidth has no sensor:
+the agent measures it from its own uploads (:class:`LinkEstimator`). A simulated device reads
+the same fields from its profile instead.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psutil
@@ -65,8 +67,9 @@ def _read_battery() -> tuple[float | None, bool | None]:
     return float(battery.percent), bool(battery.power_plugged)
 
 
-def read_system(samples: int) -> Telemetry:
-    """The machine's own readings right now."""
+def read_system(samples: int, link_kbps: float | None = None) -> Telemetry:
+    """The machine's own readings right now; ``link_kbps`` is what the caller knows of its
+    uplink (see :class:`LinkEstimator`), None if nothing yet."""
     battery_percent, charging = read_battery()
     return Telemetry(
         cpu_percent=float(psutil.cpu_percent(interval=None)),
@@ -75,7 +78,49 @@ def read_system(samples: int) -> Telemetry:
         battery_percent=battery_percent,
         charging=charging,
         temperature_c=_cpu_temperature(),
+        link_kbps=link_kbps,
     )
+
+
+class LinkEstimator:
+    """Uplink bandwidth in kbit/s, learnt from timed uploads and smoothed.
+
+    A sample is the bytes of one QoS 1 publish over the time from handing it to the MQTT client
+    until its PUBACK came back. That time is transfer plus one round trip (and the broker's
+    handling), so a small payload over a fast link measures mostly the round trip and would
+    make the link look far slower than it is; worse, the scheduler would then pick a more
+    compressed codec, whose smaller updates would keep the estimate low. So payloads under
+    ``min_bytes`` are ignored, and nothing is reported until one sample counted. The estimate
+    remains somewhat conservative (the round trip is in every sample), which errs towards
+    compressing a little more, not towards missing a deadline.
+
+    Samples are smoothed exponentially (weight ``smoothing`` for the newest): a link's speed
+    wanders, and one upload delayed by a busy broker should not swing the codec choice.
+    """
+
+    def __init__(self, min_bytes: int = 16384, smoothing: float = 0.5) -> None:
+        if min_bytes < 1 or not 0.0 < smoothing <= 1.0:
+            raise ValueError("min_bytes must be >= 1 and smoothing in (0, 1]")
+        self.min_bytes = min_bytes
+        self.smoothing = smoothing
+        self._kbps: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, nbytes: int, seconds: float) -> bool:
+        """Count one upload of ``nbytes`` that took ``seconds``; False if it was ignored."""
+        if nbytes < self.min_bytes or seconds <= 0:
+            return False
+        kbps = nbytes * 8 / seconds / 1000.0
+        with self._lock:
+            old = self._kbps
+            self._kbps = kbps if old is None else self.smoothing * kbps + (1 - self.smoothing) * old
+        return True
+
+    @property
+    def kbps(self) -> float | None:
+        """The estimate; None until an upload large enough to judge by has been timed."""
+        with self._lock:
+            return self._kbps
 
 
 def capabilities() -> dict[str, object]:

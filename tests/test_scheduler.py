@@ -1,7 +1,9 @@
 """Resource-aware rounds: the registry, the scheduler, device profiles and the battery policy,
 FedNova and FedProx, the reply message; and, over the real broker, the behaviours a user relies
-on: a device under its battery floor is not picked, a device that declines is replaced, a
-device that goes silent (or whose Will fires) is marked offline and left out of the next round.
+on: a device under its battery floor is not picked (nor, charging, given work its charger cannot
+pay for), a device that declines is replaced, a device that goes silent (or whose Will fires) is
+marked offline and left out of the next round, a low-memory device trains with the smaller batch
+its task gives, a real device measures its uplink and reports it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ import torch
 
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Round
-from aggregator.scheduler import Scheduler
+from aggregator.scheduler import Scheduler, training_memory_bytes
+from benchmarks.b3_fleet import floor_violations
+from device.agent import DeviceAgent
 from device.profiles import Hardware, SimulatedHardware, make_hardware
 from edgefl.aggregation import WeightedSum
 from edgefl.compression import WireError
-from edgefl.config import AggregatorConfig, ConfigError, ProfileConfig, RunConfig, from_dict
+from edgefl.config import (
+    AggregatorConfig,
+    ConfigError,
+    DeviceConfig,
+    ProfileConfig,
+    RunConfig,
+    from_dict,
+)
 from edgefl.data import Dataset
 from edgefl.messages import (
     PowerModel,
@@ -31,12 +42,15 @@ from edgefl.messages import (
     Task,
     Telemetry,
     Update,
+    decode_update,
     is_reply,
 )
-from edgefl.models import build_model, get_weights, set_weights
+from edgefl.models import build_model, get_weights, model_spec, set_weights
+from edgefl.mqtt import MqttLink
 from edgefl.strategies.fednova import NormalisedSum
+from edgefl.telemetry import LinkEstimator
 from edgefl.training import local_steps, samples_for_steps, train_local
-from tests.conftest import wait_until
+from tests.conftest import FLEET, wait_until
 
 SPEC = {"w": (8, 4), "b": (4,)}
 POWER = PowerModel(compute_w=2.0, radio_w=1.0, battery_wh=1.0)
@@ -73,8 +87,13 @@ def test_simulated_battery_drains_by_energy_and_charges():
     charger = SimulatedHardware(sim(battery_pct=50.0, battery_wh=0.01, charging=True, charge_w=36))
     time.sleep(0.05)  # 36 W into 36 J: 100 % per second
     assert charger.battery()[0] > 53.0
-    charger.spend(1.0)
-    assert charger.lowest_after_work_pct is None  # work while charging cannot break the floor
+    # work over 1 s that uses less than the charger gives meanwhile does not make it fall ...
+    charger.spend(1.0, seconds=1.0)
+    assert charger.lowest_after_work_pct is None
+    # ... work that uses more does, charging or not: it counts for the floor
+    charger.spend(3.6, seconds=0.01)  # 10 %, less 1 % charged meanwhile
+    low = charger.lowest_after_work_pct
+    assert low is not None and low == pytest.approx(charger.battery()[0], abs=0.5)
 
 
 def test_simulated_link_and_telemetry_in_the_common_format():
@@ -255,16 +274,20 @@ def _device(
     charging: bool = False,
     link_kbps: float | None = None,
     power: PowerModel = POWER,
+    mem_mb: float = 100.0,
+    charge_w: float | None = None,
 ) -> None:
     reading = Telemetry(
         cpu_percent=1.0,
-        mem_available_mb=100.0,
+        mem_available_mb=mem_mb,
         samples=samples,
         battery_percent=battery,
         charging=charging if battery is not None else None,
         link_kbps=link_kbps,
     )
-    caps = {"power": dataclasses.asdict(power)}
+    caps: dict = {"power": dataclasses.asdict(power)}
+    if charge_w is not None:
+        caps["charge_w"] = charge_w
     reg.on_status(device_id, Status("online", capabilities=caps, telemetry=reading))
     if sps is not None:
         reg.on_work(device_id, {"samples_seen": sps * 2, "train_s": 2.0})
@@ -349,6 +372,144 @@ def test_battery_floor_and_battery_sized_work():
     assert "near" not in plan.participants and plan.step_caps["fuller"] == 2
 
 
+def test_a_charging_device_whose_work_outdraws_its_charger_keeps_the_floor():
+    reg = DeviceRegistry()
+    # 2 W training (POWER) against chargers of 5 W (never drains), 1 W (drains 1 W net) and
+    # an unknown one (a real device: plugged in counts as not draining)
+    _device(reg, "strong-low", sps=500.0, battery=15.0, charging=True, charge_w=5.0)
+    _device(reg, "weak-low", sps=500.0, battery=15.0, charging=True, charge_w=1.0)
+    _device(reg, "weak-near", sps=500.0, battery=20.01, charging=True, charge_w=1.0)
+    _device(reg, "plugged-low", sps=500.0, battery=15.0, charging=True)
+    whole = {"battery_floor_pct": 20.0, "budget_s": 1.0, "battery_share": 1.0}
+    sched = _scheduler(reg, min_work_fraction=0.0, **whole)
+    # the pick rule is unchanged: under the floor but charging is eligible ...
+    assert sched.eligible() == ["plugged-low", "strong-low", "weak-low", "weak-near"]
+    plan = sched.plan(1, 0)
+    # ... but no work may take a battery further under it
+    assert "weak-low" not in plan.participants
+    assert "charging at 1 W" in plan.left_out["weak-low"]
+    assert plan.step_caps["strong-low"] == 20 and plan.step_caps["plugged-low"] == 20
+    # 0.36 J above the floor at 1 W net is 0.36 s of training: 180 samples, an epoch of 100
+    # (4 steps) and two batches of 32 (at the full 2 W it would be two steps in all, see
+    # test_battery_floor_and_battery_sized_work)
+    assert plan.step_caps["weak-near"] == 6
+    # a charging battery that work drains ranks by its level, after a device on mains (the
+    # names would put it first)
+    _device(reg, "zz-mains", sps=500.0)
+    ranked = sched._rank([reg.get("weak-near"), reg.get("zz-mains")])
+    assert [r.device_id for r in ranked] == ["zz-mains", "weak-near"]
+    assert reg.get("weak-near").net_draw_w() == (1.0, 0.0)
+    assert reg.get("strong-low").net_draw_w() is None
+    assert reg.get("plugged-low").net_draw_w() is None
+
+
+def test_adaptive_batch_size_follows_free_memory_and_samples():
+    spec = model_spec(build_model("mlp_digits"))
+    # 9,610 parameters x 4 copies x 4 bytes, 2 x (64+128 + 128+10) values x 4 bytes a sample,
+    # and the shuffled data: 100 samples x (64 x 4 + 8) bytes
+    assert training_memory_bytes(spec, 32, 100) == 4 * (4 * 9610 + 2 * 330 * 32) + 100 * 264
+    need = {b: training_memory_bytes(spec, b, 100) for b in (8, 16, 32)}
+    mb = 2**20
+    reg = DeviceRegistry()
+    _device(reg, "roomy", sps=500.0)  # 100 MB free
+    # half its free memory (memory_share 0.5) holds batch 16, not 32
+    _device(reg, "tight", sps=500.0, mem_mb=2 * (need[16] + need[32]) / 2 / mb)
+    # not even batch 8
+    _device(reg, "starved", sps=500.0, mem_mb=2 * (need[8] - 1) / mb)
+    _device(reg, "few", sps=500.0, samples=20)  # a batch of 32 would be its 20 samples
+    sched = _scheduler(reg, spec, budget_s=1.0, max_work_factor=1.0, min_batch_size=8)
+    plan = sched.plan(1, 0)
+    batch = {d: plan.tasks[d].batch_size for d in plan.participants}
+    assert batch == {"roomy": 32, "tight": 16, "few": 20}
+    assert "memory" in plan.left_out["starved"] and "batch 8" in plan.left_out["starved"]
+    # steps are counted in each device's own batch: the full work is 5 epochs of 100 samples,
+    # 4 batches of 32 or 7 of 16 an epoch; FedNova's caps are these steps
+    assert plan.step_caps["roomy"] == 20 and plan.step_caps["tight"] == 35
+    assert plan.tasks["tight"].max_steps == 35 and plan.workloads["tight"].batch_size == 16
+    # the same samples take the same time: steps x batch = samples
+    assert plan.workloads["tight"].predicted_s == pytest.approx(plan.workloads["roomy"].predicted_s)
+    assert samples_for_steps(100, 16, 35) == samples_for_steps(100, 32, 20) == 500
+    # a budget that holds 150 samples: an epoch and one more batch of 32 (5 steps, 132
+    # samples), or an epoch and three more of 16 (10 steps, 148 samples)
+    plan = _scheduler(reg, spec, budget_s=0.3, min_batch_size=8).plan(2, 0)
+    assert (plan.step_caps["roomy"], plan.step_caps["tight"]) == (5, 10)
+    # uniform workloads keep the [train] batch size, whatever the memory
+    plan = _scheduler(reg, spec, workload="uniform").plan(3, 0)
+    assert {t.batch_size for t in plan.tasks.values()} == {32}
+    with pytest.raises(ConfigError):
+        _scheduler(reg, spec, memory_share=0.0)
+
+
+def test_link_estimator_ignores_small_uploads_and_smooths():
+    est = LinkEstimator(min_bytes=10_000, smoothing=0.5)
+    assert est.kbps is None
+    # 1 KB in 10 ms is mostly round trip: it would say 800 kbit/s of a far faster link
+    assert not est.observe(1_000, 0.01) and est.kbps is None
+    assert est.observe(100_000, 0.1)  # 8 Mbit/s
+    assert est.kbps == pytest.approx(8000.0)
+    est.observe(100_000, 0.2)  # 4 Mbit/s
+    assert est.kbps == pytest.approx(6000.0)
+    # a real device: measured unless its profile fixes the bandwidth; a simulated one never
+    real = Hardware(ProfileConfig(link_min_bytes=10_000))
+    assert real.measures_link and real.telemetry(5).link_kbps is None
+    real.observe_upload(50_000, 0.05)
+    assert real.telemetry(5).link_kbps == pytest.approx(8000.0)
+    assert real.expected_upload_s(1_000_000) == pytest.approx(1.0)
+    fixed = Hardware(ProfileConfig(link_kbps=250.0))
+    fixed.observe_upload(50_000, 0.05)
+    assert not fixed.measures_link and fixed.telemetry(5).link_kbps == 250.0
+    simulated = SimulatedHardware(sim())
+    simulated.observe_upload(50_000, 0.05)
+    assert not simulated.measures_link and simulated.telemetry(5).link_kbps is None
+
+
+def test_floor_violations_count_charging_devices_whose_work_drains_them():
+    def worked(joules: float, seconds: float, **profile) -> dict:
+        hw = SimulatedHardware(sim(battery_wh=0.01, compute_w=5.0, **profile))  # 36 J = 100 %
+        hw.spend(joules, seconds)
+        return hw.report()
+
+    hardware = {
+        # B3's dev-08: charging at 10 % with 2 W against a 5 W draw: 3.6 J over 1 s is 10 %
+        # out, 2 J (5.6 %) in
+        "weak-charger": worked(3.6, 1.0, battery_pct=10.0, charging=True, charge_w=2.0),
+        "strong-charger": worked(3.6, 1.0, battery_pct=10.0, charging=True, charge_w=5.0),
+        "on-battery": worked(0.72, 0.1, battery_pct=21.0),  # 21 % to 19 %
+        "above": worked(0.72, 0.1, battery_pct=50.0),
+        "mains": worked(3.6, 1.0),
+    }
+    assert hardware["weak-charger"]["lowest_after_work_pct"] < 10.0
+    assert hardware["strong-charger"]["lowest_after_work_pct"] is None
+    assert floor_violations(hardware, 20.0) == ["on-battery", "weak-charger"]
+    assert floor_violations(hardware, 0.0) == []
+
+
+def test_the_agent_declines_work_its_charger_cannot_pay_for(digits, tmp_path):
+    train, _ = digits
+    data = Dataset(train.X[:100], train.y[:100])
+
+    def agent(**profile) -> DeviceAgent:
+        # 100 samples/s at 5 W: one epoch of 100 samples is 1 s and 5 J; 0.01 Wh is 36 J
+        base = {"base_sps": 100.0, "compute_w": 5.0, "battery_wh": 0.01}
+        cfg = DeviceConfig(state_dir=str(tmp_path), profile=sim(**(base | profile)))
+        return DeviceAgent(cfg, data)
+
+    task = Task(1, 0, 1, 32, 0.1, {"name": "dense_fp32"}, time.time() + 60)
+    # 25 %: 5 J less 1 J charged is 11 %, to 14 %, under the floor of 20 %
+    weak = agent(battery_pct=25.0, charging=True, charge_w=1.0)
+    assert "while charging, under the floor of 20%" in weak._refusal(task)
+    assert agent(battery_pct=25.0, charging=True, charge_w=5.0)._refusal(task) is None
+    # under the floor, charging: declines any work that drains it, even before it knows its
+    # speed; accepts work its charger more than pays for
+    assert "is under the floor" in agent(battery_pct=15.0, charging=True, charge_w=1.0)._refusal(
+        task
+    )
+    assert agent(battery_pct=15.0, charging=True, charge_w=6.0)._refusal(task) is None
+    assert agent(battery_pct=90.0)._refusal(task) is None
+    # the task's batch size is what the estimate counts, and what training uses
+    assert weak._refusal(dataclasses.replace(task, max_steps=1, batch_size=8)) is None
+
+
 def test_overcommit_asks_more_and_closes_when_enough_reported():
     reg = DeviceRegistry()
     for i in range(10):
@@ -421,17 +582,29 @@ def _adaptive(cfg: AggregatorConfig) -> AggregatorConfig:
 
 @pytest.mark.parametrize("workload", ["uniform", "adaptive"])
 def test_a_device_under_its_battery_floor_is_not_picked_unless_charging(make_fleet, workload):
-    fleet = make_fleet(devices=3)
+    fleet = make_fleet(devices=4)
     fleet.start_agent(0, profile=sim(battery_pct=15.0))
-    fleet.start_agent(1, profile=sim(battery_pct=15.0, charging=True))
+    # charging at 5 W: more than its work draws (3 W training, 1 W radio)
+    fleet.start_agent(1, profile=sim(battery_pct=15.0, charging=True, charge_w=5.0))
     fleet.start_agent(2)
+    # charging at 2 W, less than training draws: work would take it further under the floor
+    weak = fleet.start_agent(3, profile=sim(battery_pct=15.0, charging=True, charge_w=2.0))
     cfg = fleet.aggregator_config(rounds=1, battery_floor_pct=20.0)
     cfg.schedule.workload = workload
     with fleet.aggregator(cfg) as agg:
         (m,) = agg.run()
-    assert m.participants == 2 and m.reported == 2 and m.applied
+    assert m.reported == 2 and m.applied
     assert fleet.agents["dev-0"].stats.tasks_received == 0
     assert fleet.agents["dev-1"].stats.updates_sent == 1
+    if workload == "adaptive":
+        # the aggregator knows its charging power from its birth and leaves it out
+        assert m.participants == 2 and "charging at 2 W" in m.left_out["dev-3"]
+        assert weak.stats.tasks_received == 0
+    else:
+        # uniform work is not sized to batteries: the device guards itself
+        assert m.participants == 3 and m.withdrawn == {"dev-3": "declined"}
+        assert weak.stats.replies == {"declined": 1} and weak.stats.updates_sent == 0
+    assert weak.hardware.lowest_after_work_pct is None  # no work took it lower
 
 
 def test_a_device_that_declines_is_replaced(make_fleet):
@@ -535,3 +708,66 @@ def test_overcommit_closes_without_the_straggler_whose_next_task_supersedes_its_
     assert rec.deadlines_missed == 0  # cut by overcommit, not late
     assert rec.throughput_sps == pytest.approx(20.0, rel=0.25)
     assert rec.energy_j > 0
+
+
+def _watch_updates(broker) -> tuple[MqttLink, dict[str, bytes]]:
+    """A read-only link that sees every update as the broker passes it on."""
+    seen: dict[str, bytes] = {}
+
+    def on_update(topic: str, payload: bytes) -> None:
+        if not is_reply(payload):
+            seen[topic.split("/")[-2]] = payload
+
+    watcher = MqttLink("test-watcher", broker.broker_config(broker.monitor), clean_start=True)
+    watcher.subscribe(f"edgefl/{FLEET}/devices/+/update", on_update)
+    return watcher, seen
+
+
+def test_a_low_memory_device_gets_a_smaller_batch_and_trains_with_it(make_fleet, broker):
+    fleet = make_fleet(devices=2)
+    spec = model_spec(build_model("mlp_digits"))
+    n0, n1 = len(fleet.data[0]), len(fleet.data[1])
+    assert n0 > 8 and n1 > 32
+    # free memory of which half holds training at batch 8 and no more
+    mem_mb = 2 * (training_memory_bytes(spec, 8, n0) + 100) / 2**20
+    fleet.start_agent(0, profile=sim(mem_available_mb=mem_mb))
+    fleet.start_agent(1)
+    cfg = _adaptive(fleet.aggregator_config(rounds=1))
+    cfg.strategy.fednova = True
+    watcher, seen = _watch_updates(broker)
+    with watcher, fleet.aggregator(cfg) as agg:
+        (m,) = agg.run()
+        wait_until(lambda: len(seen) == 2, what="both updates at the watcher")
+    assert m.reported == 2 and m.applied
+    got = {d: decode_update(p, topic_device_id=d, spec=spec) for d, p in seen.items()}
+    # one probe epoch each, in the batch size its task gave it
+    assert got["dev-0"].metrics["steps"] == local_steps(n0, 1, 8)
+    assert got["dev-1"].metrics["steps"] == local_steps(n1, 1, 32)
+    assert got["dev-0"].metrics["samples_seen"] == n0
+    # FedNova weighed each update by the steps its task allowed (held to the caps)
+    p0 = n0 / (n0 + n1)
+    expected = p0 * local_steps(n0, 1, 8) + (1 - p0) * local_steps(n1, 1, 32)
+    assert m.effective_steps == pytest.approx(expected)
+
+
+def test_a_real_device_measures_its_uplink_and_reports_it(make_fleet):
+    fleet = make_fleet(devices=2)
+    # a real device (no simulated profile), and one whose profile fixes its link
+    real = fleet.start_agent(0)
+    fixed = fleet.start_agent(1, profile=ProfileConfig(link_kbps=300.0))
+    assert real._read_telemetry(real).link_kbps is None  # nothing measured yet
+    cfg = fleet.aggregator_config(rounds=1)
+    with fleet.aggregator(cfg) as agg:
+        (m,) = agg.run()
+        assert m.reported == 2
+        # mlp_digits dense: about 38 KB, over the 16 KB below which an upload says nothing
+        wait_until(lambda: real.hardware.uplink.kbps is not None, what="the PUBACK timed")
+        kbps = real._read_telemetry(real).link_kbps
+        assert kbps is not None and kbps > 0
+        # the next telemetry carries it to the aggregator, whose scheduler sizes uploads by it
+        wait_until(
+            lambda: (agg.registry.get("dev-0").link_kbps or 0) > 0,
+            what="link_kbps at the aggregator",
+        )
+        assert agg.registry.get("dev-1").link_kbps == 300.0
+    assert fixed.hardware.uplink.kbps is None  # fixed: not measured
