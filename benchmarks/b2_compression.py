@@ -15,7 +15,10 @@ last round, median over the seeds; its difference to dense fp32's median is a fr
     python -m benchmarks.b2_compression [--seeds 0,1,2] [--codecs topk,int8] [--rounds 30]
 
 ``--codecs`` keeps the codecs whose name contains one of the given words (dense fp32 always
-runs). Results are written to benchmarks/results/ only for a full run (all codecs, 3+ seeds).
+runs). Results are written to benchmarks/results/b2_compression.* only for a full run (all
+codecs, 3+ seeds, 30 rounds); ``--save NAME`` writes any run to benchmarks/results/NAME.* (the
+committed ``b2_heldout_seeds`` checks the best codecs on seeds they were not chosen on:
+``--seeds 3,4,5 --codecs best,"topk 1% 4b" --save b2_heldout_seeds``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def codecs() -> dict[str, dict[str, Any]]:
         "fp16": {"name": "fp16"},
         "int8": {"name": "int8", "block": 64},
         "prune 0.02 8b EF": {"name": "prune", "threshold": 0.02, "bits": 8},
+        "prune 0.02 8b": {"name": "prune", "threshold": 0.02, "bits": 8, "error_feedback": False},
     }
     for pct in (10, 5, 2, 1, 0.5):
         for bits in (8, 4):
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--codecs", default="", help="comma-separated words; keep codecs naming one")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--save", metavar="NAME", help="write this run to benchmarks/results/NAME.*")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     words = [w.strip().lower() for w in args.codecs.split(",") if w.strip()]
@@ -188,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     figures = {"codecs": out}
-    if full_run:
-        detail = {"seeds": seeds, "rounds": args.rounds, "configs": chosen, "runs": runs}
+    detail = {"seeds": seeds, "rounds": args.rounds, "configs": chosen, "runs": runs}
+    if args.save:
+        write_results(args.save, {**figures, **detail}, text)
+    elif full_run:
         write_results("b2_compression", {**figures, **detail}, text)
     else:
         print("(a filtered run: benchmarks/results/ left as it is)")
