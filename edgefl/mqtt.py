@@ -60,6 +60,10 @@ def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# stands in the pending subscriptions while the SUBSCRIBE made on connect is being sent
+SENDING = -1
+
+
 class MqttLink:
     """A connection that stays up. Use as a context manager, or ``start()`` / ``stop()``."""
 
@@ -81,6 +85,11 @@ class MqttLink:
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
+        # SUBSCRIBEs sent on this connection and not yet acknowledged (by packet id), and acks
+        # that came before their id was recorded; start(wait=True) waits for both to settle
+        self._subs_pending: set[int] = set()
+        self._subs_early: set[int] = set()
+        self._subs_settled = threading.Condition(self._lock)
         self._first_result: threading.Event = threading.Event()
         self._refused: str | None = None
         self.bytes_out: Counter[str] = Counter()
@@ -108,13 +117,15 @@ class MqttLink:
         c.max_queued_messages_set(0)  # queue without bound while offline; QoS 1 must not be lost
         c.on_socket_open = _no_delay
         c.on_connect = self._handle_connect
+        c.on_subscribe = self._handle_subscribe
         c.on_disconnect = self._handle_disconnect
         self._client = c
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> MqttLink:
-        """Connect in the background; with ``wait``, return once connected or raise why not."""
+        """Connect in the background; with ``wait``, return once connected and subscribed (the
+        broker acknowledged every subscription made before), or raise why not."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.broker.session_expiry_s
         self._client.connect_async(
@@ -127,7 +138,32 @@ class MqttLink:
         self._client.loop_start()
         if wait:
             self.wait_connected(self.broker.connect_timeout_s)
+            self.wait_subscribed(self.broker.connect_timeout_s)
         return self
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged every subscription sent so far: a message
+        published to our topics after that reaches us. False if it did not within ``timeout``."""
+        with self._subs_settled:
+            return self._subs_settled.wait_for(lambda: not self._subs_pending, timeout)
+
+    def _sent_subscribe(self, result: tuple[int, int | None]) -> None:
+        rc, mid = result
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return  # not sent (the link dropped): it is sent again on the next connect
+        with self._lock:
+            if mid in self._subs_early:
+                self._subs_early.discard(mid)
+            else:
+                self._subs_pending.add(mid)
+
+    def _handle_subscribe(self, _client, _userdata, mid, _reason_codes, _properties) -> None:
+        with self._subs_settled:
+            if mid in self._subs_pending:
+                self._subs_pending.discard(mid)
+                self._subs_settled.notify_all()
+            else:
+                self._subs_early.add(mid)
 
     def wait_connected(self, timeout: float) -> None:
         if self.connected.wait(timeout):
@@ -204,7 +240,7 @@ class MqttLink:
             self._subs[topic_filter] = qos
             live = self.connected.is_set()
         if live:
-            self._client.subscribe(topic_filter, qos=qos)
+            self._sent_subscribe(self._client.subscribe(topic_filter, qos=qos))
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -266,10 +302,18 @@ class MqttLink:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
             subs = list(self._subs.items())
+            # packet ids name messages within one connection: what was pending is resent below
+            self._subs_pending.clear()
+            self._subs_early.clear()
+            if subs:  # until the SUBSCRIBE below is sent and its id recorded
+                self._subs_pending.add(SENDING)
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
             self.connected.set()
         if subs:
-            client.subscribe([(f, q) for f, q in subs])
+            self._sent_subscribe(client.subscribe([(f, q) for f, q in subs]))
+            with self._subs_settled:
+                self._subs_pending.discard(SENDING)
+                self._subs_settled.notify_all()
         if self.connects > 1:
             log.info("%s: reconnected (session present: %s)", self.client_id, flags.session_present)
         if self._on_connect_cb is not None:
