@@ -65,7 +65,7 @@ from aggregator.checkpoint import Checkpointer
 from edgefl.models import build_model, set_weights
 torch.set_num_threads(1)
 m = build_model('mlp_digits'); set_weights(m, Checkpointer(sys.argv[1]).load()['weights'])
-m.eval(); X = torch.from_numpy(np.load(sys.argv[2]))
+m.train(False); X = torch.from_numpy(np.load(sys.argv[2]))
 with torch.no_grad():
     for _ in range(200): m(X[:64])
 print(peak_rss_mb())
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _, test = load_digits_split()
         model = build_model("mlp_digits")
         set_weights(model, Checkpointer(agg_dir / "checkpoint.msgpack").load()["weights"])
-        model.eval()
+        model.train(False)
         ort_fp32, ort_int8 = InferenceServer(), InferenceServer()
         ort_fp32.load(fp32)
         ort_int8.load(int8)

@@ -80,7 +80,9 @@ ISSUE_2 = {"round_s_1_epoch": 0.070, "startup_s": 49.0, "client_rss_mb": 460.0}
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), in MB (2**20 bytes)."""
+    """This process's peak resident memory (VmHWM), in MB (2**20 bytes): edgefl.telemetry's
+    peak_rss_mb, which Flower's processes cannot import (edgefl.telemetry needs msgpack, which
+    their venv lacks and which would add to the memory measured)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -293,12 +295,6 @@ class Install:
         major, minor = (int(x) for x in version.split(".")[:2])
         grpc = (major, minor) < (1, 40)  # 1.40 moved the Fleet API to HTTP
         return cls(venv, version, "gRPC" if grpc else "HTTP")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, deadline: float, proc: subprocess.Popen) -> bool:
@@ -515,17 +511,19 @@ def _stop_all(procs: list[subprocess.Popen], extra_pids: list[int]) -> None:
 
 
 def _median(values: list[float | None]) -> float | None:
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+    # imported here, not at the top: Flower's app processes import this module too, and their
+    # memory is what is measured
+    from benchmarks.common import median
+
+    return median(values)
 
 
 def run_once(
     install: Install, args: argparse.Namespace, rounds: int, label: str, keep: bool
 ) -> dict[str, Any]:
     """One run of ``rounds`` rounds; returns its figures."""
+    from broker.private import free_port
+
     work = Path(tempfile.mkdtemp(prefix=f"edgefl-flower-{label}-"))
     logs = work / "logs"
     logs.mkdir()
@@ -549,7 +547,7 @@ def run_once(
     )
     home = work / "flwr-home"
     home.mkdir()
-    link_port = _free_port()
+    link_port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
@@ -578,7 +576,7 @@ def run_once(
         "--disable-runtime-dependency-installation",
     ]
     if install.grpc:
-        fleet_port = _free_port()
+        fleet_port = free_port()
         link_cmd += [
             "--fleet-api-type",
             "grpc-rere",
@@ -610,7 +608,7 @@ def run_once(
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(_free_port()),
+                str(free_port()),
                 "--node-config",
                 f'data-path="{data}" device-id="{device_id}"',
             ]
@@ -831,17 +829,6 @@ def _memory(sampler: TreeSampler, reported: dict[int, float], devices: int) -> d
     }
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     """Medians over the runs that worked; accuracy and run wall time over full-length runs only."""
     ok = [r for r in runs if not r["error"]]
@@ -908,6 +895,8 @@ def _edgefl_b1() -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import cpu_model
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="full-length runs per install")
     p.add_argument("--rounds", type=int, default=30)
@@ -956,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     text = _report(installs, summaries, runs, edgefl, args)
     print(text)
     figures = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "protocol": {
             "devices": args.devices,
             "rounds": args.rounds,
@@ -1002,7 +991,7 @@ def _report(
     edgefl: dict[str, Any] | None,
     args: argparse.Namespace,
 ) -> str:
-    from benchmarks.common import table
+    from benchmarks.common import cpu_model, table
 
     labels = [i.label for i in installs]
     ms = 1000.0
@@ -1109,7 +1098,7 @@ def _report(
     head = (
         f"B1 on Flower's deployment runtime (SuperLink + {args.devices} SuperNodes, each its own "
         f"process, loopback), {args.rounds} rounds, {args.epochs} local epoch(s); medians of "
-        f"{runs_text}. CPU: {_cpu_model()}, {os.cpu_count()} cores"
+        f"{runs_text}. CPU: {cpu_model()}, {os.cpu_count()} cores"
     )
     notes = (
         "One client = its SuperNode, the SuperExec it starts and the ClientApp process that\n"

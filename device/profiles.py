@@ -199,7 +199,7 @@ class SimulatedHardware(Hardware):
         super().__init__(profile)
 
     def telemetry(self, samples: int) -> Telemetry:
-        reading = read_system(samples, self.profile.link_kbps or None)
+        reading = read_system(samples, self.link_kbps())
         reading.battery_percent, reading.charging = self.battery()
         if self.profile.mem_available_mb > 0:
             reading.mem_available_mb = self.profile.mem_available_mb
@@ -238,16 +238,14 @@ class SimulatedHardware(Hardware):
         return samples * p.slowdown / measured_sps if measured_sps else None
 
     def upload_s(self, nbytes: int) -> float:
-        kbps = self.profile.link_kbps
-        return nbytes * 8 / (kbps * 1000.0) if kbps > 0 else 0.0
+        return self.expected_upload_s(nbytes)  # the simulated link is all there is
 
     def spend(self, joules: float, seconds: float = 0.0) -> None:
         self.battery()  # bring charging up to now first: it went on during the work
         with self._lock:
-            self.energy_j += joules
             if self._level is not None:
                 self._level = max(0.0, self._level - self.percent_of(joules))
-        self._note_level(joules, seconds)
+        super().spend(joules, seconds)
 
 
 def make_hardware(profile: ProfileConfig) -> Hardware:

@@ -32,7 +32,7 @@ def export_onnx(
     """Write ``model`` as ONNX to ``path`` atomically; returns the path."""
     import onnx
 
-    model.eval()
+    model.train(False)  # export the inference graph
     dummy = torch.zeros((1, *input_shape), dtype=torch.float32)
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -113,7 +113,7 @@ def samples_for_steps(samples: int, batch_size: int, steps: int) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, X: np.ndarray) -> np.ndarray:
-    model.eval()
+    model.train(False)  # inference mode: no dropout, no batch-norm statistics updated
     return model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
 
 

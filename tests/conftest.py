@@ -36,9 +36,21 @@ def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
         yield b
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+    retry_on: tuple[type[Exception], ...] = (),
+) -> None:
+    """Poll ``check`` until it holds; an exception of a ``retry_on`` type (a refused connection
+    while a broker starts, say) counts as not yet."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except retry_on:
+            pass
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)

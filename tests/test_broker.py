@@ -42,6 +42,7 @@ from broker import (
     write_password_file,
 )
 from edgefl.config import BrokerConfig, ConfigError
+from tests.conftest import wait_until
 
 FLEET = "testfleet"
 TIMEOUT = 5.0
@@ -464,13 +465,5 @@ def test_deployment_serve_and_enroll() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait_for(check, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def _wait_for(check) -> None:
+    wait_until(check, TIMEOUT, "the broker", retry_on=(OSError,))

@@ -27,6 +27,7 @@ from broker.render import broker_user
 from edgefl.cli import main as edgefl
 from edgefl.config import BrokerConfig, ConfigError
 from edgefl.mqtt import MqttLink
+from tests.conftest import wait_until
 
 FLEET = "testfleet"
 TIMEOUT = 10.0
@@ -111,16 +112,7 @@ def deployment_dir() -> Path:
 
 
 def wait_for(check, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(check, timeout, what, retry_on=(OSError,))
 
 
 def _refused(host: str, port: int) -> bool:
