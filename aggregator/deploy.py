@@ -39,7 +39,7 @@ from aggregator.registry import DeviceRecord, DeviceRegistry
 from aggregator.store import ModelStore, sha256_file
 from edgefl.chunking import CHUNK_OVERHEAD, Blob, chunk_topic, split
 from edgefl.compression import WireError
-from edgefl.config import AggregatorConfig, DeployConfig
+from edgefl.config import AggregatorConfig, BrokerConfig, DeployConfig
 from edgefl.data import Dataset
 from edgefl.messages import Deployment, Status
 from edgefl.models import ModelInfo
@@ -391,12 +391,19 @@ def follow_statuses(link: MqttLink, topics: Topics, registry: DeviceRegistry) ->
 
 
 def rollback_command(
-    cfg: AggregatorConfig, to_version: int | None, variant: str | None, settle_s: float = 1.0
+    cfg: AggregatorConfig,
+    admin: BrokerConfig,
+    to_version: int | None,
+    variant: str | None,
+    settle_s: float = 1.0,
 ) -> dict[str, Any]:
-    """``edgefl rollback``: connect with the aggregator's account and serve an earlier model."""
+    """``edgefl rollback``: serve an earlier model from the aggregator's store. It connects with
+    ``admin``, the operators' account: under the aggregator's own it would take over the running
+    aggregator's connection and persistent session (the broker names a connection by its
+    account)."""
     registry = DeviceRegistry()
     topics = Topics(cfg.fleet)
-    link = MqttLink(f"edgefl-{cfg.fleet}-rollback", cfg.broker, clean_start=True)
+    link = MqttLink("edgefl-rollback", admin, clean_start=True)
     follow_statuses(link, topics, registry)
     with link:
         # the retained statuses arrive right after subscribing; give them a moment

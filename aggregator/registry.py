@@ -37,7 +37,7 @@ DEFAULT_POWER = PowerModel(_DEFAULTS.compute_w, _DEFAULTS.radio_w, _DEFAULTS.bat
 class DeviceRecord:
     device_id: str
     online: bool = False
-    offline_reason: str = ""  # "will" (Last Will or goodbye) | "silent"
+    offline_reason: str = ""  # "will" (Last Will or goodbye) | "silent" | "quarantined"
     status_at: float = 0.0
     capabilities: dict[str, Any] = field(default_factory=dict)
     agent_version: str = ""
@@ -193,6 +193,14 @@ class DeviceRegistry:
                 # it was only quiet; a device whose Will fired comes back with a birth
                 rec.online, rec.offline_reason = True, ""
                 log.info("device %s speaks again", device_id)
+            self.changed.notify_all()
+
+    def on_quarantined(self, device_id: str) -> None:
+        """Cut off at the broker: offline until it is re-admitted and sends a new birth."""
+        with self._lock:
+            rec = self._get(device_id)
+            rec.online, rec.offline_reason = False, "quarantined"
+            rec.status_at = time.time()
             self.changed.notify_all()
 
     def sweep(self, max_age_s: float) -> list[str]:

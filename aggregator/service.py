@@ -29,9 +29,11 @@ from aggregator import deploy
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
 from aggregator.enrolled import EnrolledDevices
+from aggregator.guard import Guard
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
+from edgefl import dynsec
 from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
@@ -96,6 +98,8 @@ class RoundMetrics:
     energy_by_device: dict[str, float] = field(default_factory=dict)
     battery_pct: dict[str, float] = field(default_factory=dict)
     effective_steps: float | None = None  # FedNova's tau_eff
+    # devices cut off at the broker for flooding or invalid messages (aggregator/guard.py)
+    quarantined: list[str] = field(default_factory=list)
 
 
 class Aggregator:
@@ -113,6 +117,7 @@ class Aggregator:
         self.spec = model_spec(self.model)
         self.weights = get_weights(self.model)
         self.version = 0
+        self.checkpointed_version = 0  # the model version the newest checkpoint holds
         self.next_round = 1
         self.strategy = make_strategy(cfg.strategy)
         self.registry = DeviceRegistry()
@@ -131,7 +136,8 @@ class Aggregator:
         self.on_round = on_round
         self.history: list[RoundMetrics] = []
         self.ledger: list[dict[str, Any]] = []
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # updates, by reason
+        self.guard = Guard(cfg.quarantine, self._quarantine)
         self._round: Round | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
@@ -161,6 +167,7 @@ class Aggregator:
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
         self.link.subscribe(self.topics.all_devices("update"), self._on_update, defer_ack=True)
+        self.link.subscribe(dynsec.RESPONSE_TOPIC, self._on_dynsec_response, qos=0)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -364,6 +371,7 @@ class Aggregator:
             timeline=_timeline(result),
             rejected=dict(result.rejected),
             missing=missing,
+            quarantined=sorted(self.guard.quarantined),
             **_resource_metrics(result, plan, self._replaced),
         )
         self.history.append(metrics)
@@ -415,6 +423,7 @@ class Aggregator:
             reported=rnd.reported if rnd else 0,
             expected=len(rnd.participants) if rnd else 0,
             accuracy=accuracy,
+            quarantined=sorted(self.guard.quarantined),
         )
 
     def _publish_status(
@@ -455,21 +464,37 @@ class Aggregator:
         rnd = self._round
         if rnd is not None:
             rnd.count_rejection(reason)
-        log.warning("rejected update from %s: %s (%s)", device_id or "?", detail, reason)
+        self.guard.reject(device_id, "update", reason, detail)
+
+    def _quarantine(self, device_id: str, reason: str) -> None:
+        """Cut ``device_id`` off at the broker (the guard decided; see aggregator/guard.py)."""
+        self.link.publish(dynsec.CONTROL_TOPIC, dynsec.quarantine(device_id, reason), qos=1)
+        self.registry.on_quarantined(device_id)
+        self._wake_round()
+        self._publish_status(force=True)
+
+    def _on_dynsec_response(self, _topic: str, payload: bytes) -> None:
+        for response in dynsec.parse_response(payload):
+            error = response.get("error")
+            # creating a client that exists: quarantined again, the disable that follows stands
+            if error and "exists" not in str(error):
+                log.error("the broker's dynamic-security plugin refused %s: %s",
+                          str(response.get("command"))[:40], str(error)[:200])
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         device_id = self._device_of(topic)
-        if device_id is None:
+        if device_id is None or not self.guard.admit(device_id):
             return
         if device_id not in self.enrolled:
             self._stranger(device_id)
+            self.guard.reject(device_id, "status", "not_enrolled", "device is not enrolled")
             return
         if not payload:
             return  # a retained status being cleared
         try:
             status = Status.from_payload(payload)
         except WireError as e:
-            log.warning("ignored status from %s: %s", device_id, e)
+            self.guard.reject(device_id, "status", e.reason, e.detail)
             return
         self.registry.on_status(device_id, status)
         if status.state == "offline":
@@ -478,16 +503,24 @@ class Aggregator:
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         device_id = self._device_of(topic)
-        if device_id is None or device_id not in self.enrolled:
+        if device_id is None or not self.guard.admit(device_id):
+            return
+        if device_id not in self.enrolled:
+            self._stranger(device_id)
+            self.guard.reject(device_id, "telemetry", "not_enrolled", "device is not enrolled")
             return
         try:
             telemetry = Telemetry.from_payload(payload)
         except WireError as e:
-            log.debug("ignored telemetry from %s: %s", device_id, e)
+            self.guard.reject(device_id, "telemetry", e.reason, e.detail)
             return
         self.registry.on_telemetry(device_id, telemetry)
 
     def _on_update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        device_id = self._device_of(topic)
+        if device_id is not None and not self.guard.admit(device_id):
+            ack()  # from a quarantined device: dropped unread
+            return
         rnd = self._round
         if self._fold(topic, payload, rnd):
             rnd.hold_ack(ack)  # acknowledged once the round is checkpointed
@@ -507,18 +540,20 @@ class Aggregator:
         if is_reply(payload):
             self._on_reply(device_id, payload)
             return False
-        if rnd is None:
-            self._reject(device_id, "no_round", "no round is open")
-            return False
         try:
+            # with no round open it is still decoded: junk is invalid (and counts towards a
+            # quarantine) whether or not a round is open; a valid update is merely late
             update = decode_update(
                 payload,
                 topic_device_id=device_id,
                 spec=self.spec,
-                expect_round=rnd.number,
-                expect_base=rnd.base_version,
+                expect_round=rnd.number if rnd else None,
+                expect_base=rnd.base_version if rnd else None,
                 max_bytes=self.cfg.limits.max_update_bytes,
             )
+            if rnd is None:
+                self._reject(device_id, "no_round", "no round is open")
+                return False
             biggest = max(float(np.abs(v).max(initial=0.0)) for v in update.delta.values())
             if biggest > self.cfg.limits.max_delta_abs:
                 raise WireError(
@@ -608,6 +643,7 @@ class Aggregator:
                 "ledger": self.ledger[-LEDGER_ROUNDS:],
             },
         )
+        self.checkpointed_version = self.version
 
     def _resume(self) -> None:
         state = self.checkpointer.load()
@@ -620,7 +656,7 @@ class Aggregator:
             )
         self.weights = {k: np.asarray(state["weights"][k], dtype=np.float32) for k in self.spec}
         set_weights(self.model, self.weights)
-        self.version = int(state["version"])
+        self.version = self.checkpointed_version = int(state["version"])
         self.next_round = int(state["next_round"])
         if state["strategy"]["name"] == self.strategy.name:
             self.strategy.load_state(state["strategy"]["state"])

@@ -28,7 +28,7 @@ PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
 # Accounts with a role of their own; a device id may not take one of these names, or the
 # device would inherit that role's rights.
-RESERVED_USERNAMES = frozenset({"aggregator", "monitor"})
+RESERVED_USERNAMES = frozenset({"aggregator", "monitor", "admin"})
 
 
 @dataclass(frozen=True)

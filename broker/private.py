@@ -7,6 +7,7 @@ machine: everything lives in its own working directory and on its own port.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,9 +32,11 @@ from .credentials import (
     generate_password,
     write_password_file,
 )
+from .limits import DEFAULT_LIMITS, BrokerLimits
 from .render import (
     ACL_FILE,
     CONFIG_FILE,
+    DYNSEC_FILE,
     LOG_FILE,
     PASSWORD_FILE,
     PERSISTENCE_DIR,
@@ -78,6 +81,44 @@ def find_mosquitto() -> str:
     raise BrokerError(f"the Mosquitto broker is not installed: {INSTALL_HINT}")
 
 
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+DYNSEC_DIRS = ("/usr/lib/{arch}", "/usr/lib", "/usr/local/lib", "/usr/lib/mosquitto")
+
+
+def find_dynsec_plugin() -> str | None:
+    """Path of Mosquitto's dynamic-security plugin (quarantines), or None if this Mosquitto has
+    none: $EDGEFL_MOSQUITTO_DYNSEC, then the library directories Debian and source builds use."""
+    override = os.environ.get("EDGEFL_MOSQUITTO_DYNSEC")
+    if override:
+        return override if os.path.isfile(override) else None
+    arch = f"{os.uname().machine}-linux-gnu"
+    for directory in DYNSEC_DIRS:
+        candidate = os.path.join(directory.format(arch=arch), DYNSEC_PLUGIN)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def ensure_dynsec_file(path: Path) -> None:
+    """Create the plugin's file with no client in it, if there is none. An existing file holds
+    quarantines that must survive a restart, so it is never overwritten. Every default is
+    "deny": the plugin rules only the clients it lists, all of them disabled."""
+    if path.exists():
+        return
+    empty = {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": False,
+        },
+        "clients": [],
+        "groups": [],
+        "roles": [],
+    }
+    write_text(path, json.dumps(empty, indent=1) + "\n", mode=0o600)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now (never 1883, the system broker's)."""
     while True:
@@ -103,12 +144,16 @@ class PrivateBroker:
         workdir: str | Path | None = None,
         port: int | None = None,
         device_ids: Iterable[str] = (),
-        max_packet_size: int = 1 << 20,
+        max_packet_size: int | None = None,
         tls: bool = False,
+        limits: BrokerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.fleet = check_name("fleet", fleet)
         self.aggregator = Account("aggregator", generate_password())
         self.monitor = Account("monitor", generate_password())
+        # lifts quarantines; also the account that probes whether the broker is up, since a
+        # login under any other would take over that client's connection (client id = username)
+        self.admin = Account("admin", generate_password())
         self._devices: dict[str, Account] = {}
         for device_id in device_ids:
             if device_id not in self._devices:
@@ -120,7 +165,9 @@ class PrivateBroker:
         self.workdir = Path(workdir).resolve()
         self._port_given = port is not None
         self.port = port if port is not None else free_port(self.host)
-        self.max_packet_size = max_packet_size
+        self.limits = limits
+        self.max_packet_size = max_packet_size or limits.max_packet_size
+        self.dynsec_plugin = find_dynsec_plugin()
         # a second listener with TLS, its certificates made by our own CA (broker/certs.py)
         self.tls = tls
         self.tls_port = free_port(self.host) if tls else None
@@ -151,8 +198,12 @@ class PrivateBroker:
     def log_path(self) -> Path:
         return self.workdir / LOG_FILE
 
+    @property
+    def dynsec_path(self) -> Path:
+        return self.workdir / DYNSEC_FILE
+
     def _accounts(self) -> dict[str, str]:
-        accounts = [self.aggregator, self.monitor, *self._devices.values()]
+        accounts = [self.aggregator, self.monitor, self.admin, *self._devices.values()]
         return {a.username: a.password for a in accounts}
 
     def _write_files(self) -> None:
@@ -160,8 +211,13 @@ class PrivateBroker:
         (self.workdir / PERSISTENCE_DIR).mkdir(exist_ok=True)
         write_password_file(self.password_path, self._accounts())
         write_text(
-            self.acl_path, render_acl(self.fleet, self.aggregator.username, self.monitor.username)
+            self.acl_path,
+            render_acl(
+                self.fleet, self.aggregator.username, self.monitor.username, self.admin.username
+            ),
         )
+        if self.dynsec_plugin:
+            ensure_dynsec_file(self.dynsec_path)
         settings = MosquittoSettings(
             password_file=str(self.password_path),
             acl_file=str(self.acl_path),
@@ -174,6 +230,10 @@ class PrivateBroker:
             # A loopback-only test broker may stay root; a deployment (serve.py) does not.
             user="root" if os.geteuid() == 0 else broker_user(),
             max_packet_size=self.max_packet_size,
+            max_queued_bytes=self.limits.max_queued_bytes,
+            max_inflight_bytes=self.limits.max_queued_bytes,
+            dynsec_plugin=self.dynsec_plugin,
+            dynsec_file=str(self.dynsec_path) if self.dynsec_plugin else None,
             **self._tls_settings(),
         )
         write_text(self.config_path, render_config(settings))
@@ -310,11 +370,7 @@ class PrivateBroker:
             # program listening on the port would accept the connection, but not this login.
             try:
                 if mqtt_login_ok(
-                    self.host,
-                    self.port,
-                    self.aggregator.username,
-                    self.aggregator.password,
-                    timeout_s=0.5,
+                    self.host, self.port, self.admin.username, self.admin.password, timeout_s=0.5
                 ):
                     return
             except OSError:

@@ -16,6 +16,8 @@ from typing import Any
 
 from edgefl.config import check_name
 
+from .limits import DEFAULT_LIMITS
+
 CONFIG_TEMPLATE = "mosquitto.conf.template"
 ACL_TEMPLATE = "acl.template"
 
@@ -26,6 +28,8 @@ PASSWORD_FILE = "passwords"
 ACL_FILE = "acl"
 LOG_FILE = "mosquitto.log"
 PERSISTENCE_DIR = "persistence"
+# the dynamic-security plugin's own file: it holds the quarantined devices (broker/quarantine.py)
+DYNSEC_FILE = "dynamic-security.json"
 
 
 @dataclass
@@ -43,11 +47,18 @@ class MosquittoSettings:
     # False leaves the plain listener out altogether (only with TLS: else nothing listens)
     plain: bool = True
     user: str = "mosquitto"
-    max_packet_size: int = 1 << 20
+    # broker/limits.py derives both from the fleet's model; these defaults suit mlp_digits
+    max_packet_size: int = DEFAULT_LIMITS.max_packet_size
     autosave_interval: int = 60
     persistent_client_expiration: str = "7d"
     max_queued_messages: int = 10000
+    max_queued_bytes: int = DEFAULT_LIMITS.max_queued_bytes
     max_inflight_messages: int = 0
+    max_inflight_bytes: int = DEFAULT_LIMITS.max_queued_bytes
+    # the dynamic-security plugin (None: Mosquitto has none; quarantines then stay inside the
+    # aggregator) and its file
+    dynsec_plugin: str | None = None
+    dynsec_file: str | None = None
     tls_port: int = 8883
     tls_cafile: str | None = None
     tls_certfile: str | None = None
@@ -103,6 +114,8 @@ def render_config(settings: MosquittoSettings) -> str:
         "tls_cafile",
         "tls_certfile",
         "tls_keyfile",
+        "dynsec_plugin",
+        "dynsec_file",
     ):
         if values[key] is not None:
             _check_path(key, values[key])
@@ -114,16 +127,31 @@ def render_config(settings: MosquittoSettings) -> str:
         _check_address(key, values[key])
     if not settings.plain and not settings.tls:
         raise ValueError("the plain listener can be left out only when TLS is on")
-    switches = {"tls": settings.tls, "plain": settings.plain, "log_stderr": settings.log_stderr}
+    if (settings.dynsec_plugin is None) != (settings.dynsec_file is None):
+        raise ValueError("the dynamic-security plugin needs both dynsec_plugin and dynsec_file")
+    switches = {
+        "tls": settings.tls,
+        "plain": settings.plain,
+        "log_stderr": settings.log_stderr,
+        "dynsec": settings.dynsec_plugin is not None,
+    }
     return render(template_text(CONFIG_TEMPLATE), values, switches)
 
 
 def render_acl(
-    fleet: str, aggregator_user: str = "aggregator", monitor_user: str = "monitor"
+    fleet: str,
+    aggregator_user: str = "aggregator",
+    monitor_user: str = "monitor",
+    admin_user: str = "admin",
 ) -> str:
     """The ACL text for ``fleet``."""
     check_name("fleet", fleet)
-    values = {"fleet": fleet, "aggregator_user": aggregator_user, "monitor_user": monitor_user}
+    values = {
+        "fleet": fleet,
+        "aggregator_user": aggregator_user,
+        "monitor_user": monitor_user,
+        "admin_user": admin_user,
+    }
     return render(template_text(ACL_TEMPLATE), values, {})
 
 

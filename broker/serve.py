@@ -28,10 +28,18 @@ from .credentials import (
     read_password_file,
     verify_password,
 )
-from .private import BrokerError, find_mosquitto
+from .limits import DEFAULT_LIMITS, BrokerLimits
+from .private import (
+    DYNSEC_PLUGIN,
+    BrokerError,
+    ensure_dynsec_file,
+    find_dynsec_plugin,
+    find_mosquitto,
+)
 from .render import (
     ACL_FILE,
     CONFIG_FILE,
+    DYNSEC_FILE,
     LOG_FILE,
     PASSWORD_FILE,
     PERSISTENCE_DIR,
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 PID_FILE = "mosquitto.pid"
 AGGREGATOR_USER = "aggregator"
 MONITOR_USER = "monitor"
+ADMIN_USER = "admin"
 
 
 def prepare(
@@ -60,13 +69,17 @@ def prepare(
     tls_port: int = 8883,
     plain_bind: str | None = None,
     plain: bool = True,
+    *,
+    limits: BrokerLimits = DEFAULT_LIMITS,
 ) -> Path:
     """Write a deployment's configuration into ``workdir`` and return the config file's path.
 
     ``bind`` is the address of both listeners unless ``plain_bind`` gives the plain one its
     own (e.g. loopback, with TLS facing the network); ``plain=False`` leaves the plain listener
-    out, which needs TLS. Enrolled devices are kept; the aggregator and monitor accounts are
-    created if missing. The result also serves a system Mosquitto: point it at the returned file.
+    out, which needs TLS. ``limits`` (broker/limits.py) bound packets and queues. Enrolled
+    devices and quarantines are kept; the aggregator, monitor and admin accounts are created if
+    missing. Without Mosquitto's dynamic-security plugin the broker cannot quarantine, and
+    this says so. The result also serves a system Mosquitto: point it at the returned file.
     """
     check_name("fleet", fleet)
     workdir = Path(workdir).resolve()
@@ -76,7 +89,21 @@ def prepare(
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"TLS file {path} does not exist")
     user = broker_user()
+    dynsec_plugin = find_dynsec_plugin()
+    if dynsec_plugin is None:
+        log.warning(
+            "this Mosquitto has no dynamic-security plugin (%s): a device that floods the fleet "
+            "cannot be cut off at the broker, only ignored by the aggregator",
+            DYNSEC_PLUGIN,
+        )
+    else:
+        ensure_dynsec_file(workdir / DYNSEC_FILE)
     settings = MosquittoSettings(
+        max_packet_size=limits.max_packet_size,
+        max_queued_bytes=limits.max_queued_bytes,
+        max_inflight_bytes=limits.max_queued_bytes,
+        dynsec_plugin=dynsec_plugin,
+        dynsec_file=str(workdir / DYNSEC_FILE) if dynsec_plugin else None,
         password_file=str(workdir / PASSWORD_FILE),
         acl_file=str(workdir / ACL_FILE),
         persistence_location=str(workdir / PERSISTENCE_DIR),
@@ -98,8 +125,8 @@ def prepare(
         raise ConfigError(str(e)) from None
     config_path = workdir / CONFIG_FILE
     write_text(config_path, text)
-    write_text(workdir / ACL_FILE, render_acl(fleet, AGGREGATOR_USER, MONITOR_USER))
-    for username in (AGGREGATOR_USER, MONITOR_USER):
+    write_text(workdir / ACL_FILE, render_acl(fleet, AGGREGATOR_USER, MONITOR_USER, ADMIN_USER))
+    for username in (AGGREGATOR_USER, MONITOR_USER, ADMIN_USER):
         _ensure_account(workdir, username)
     (workdir / LOG_FILE).touch()
     if os.geteuid() == 0:
@@ -118,6 +145,8 @@ def serve(
     tls_port: int = 8883,
     plain_bind: str | None = None,
     plain: bool = True,
+    *,
+    limits: BrokerLimits = DEFAULT_LIMITS,
 ) -> int:
     """Run Mosquitto in the foreground for ``fleet`` until SIGINT/SIGTERM; its exit code.
     The listener options are :func:`prepare`'s."""
@@ -133,11 +162,18 @@ def serve(
         tls_port,
         plain_bind=plain_bind,
         plain=plain,
+        limits=limits,
     )
     log.info(
-        "aggregator password is in %s; monitor password in %s",
+        "aggregator password is in %s; monitor password in %s; admin (edgefl readmit) in %s",
         workdir / f"{AGGREGATOR_USER}.secret",
         workdir / f"{MONITOR_USER}.secret",
+        workdir / f"{ADMIN_USER}.secret",
+    )
+    log.info(
+        "packets up to %d KiB; queues up to %d MiB per client",
+        limits.max_packet_size >> 10,
+        limits.max_queued_bytes >> 20,
     )
     listeners = [f"plain MQTT on {plain_bind or bind}:{port}"] if plain else []
     if tls_cafile:
@@ -283,6 +319,7 @@ def _hand_over(workdir: Path, user: str, tls_files: list[str | None]) -> None:
         workdir / ACL_FILE,
         workdir / CONFIG_FILE,
         workdir / LOG_FILE,
+        workdir / DYNSEC_FILE,
     ]:
         if path.exists():
             os.chown(path, uid, gid)

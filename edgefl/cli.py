@@ -9,15 +9,23 @@ edgefl demo         start all of the above locally and run B1 end to end
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
-from edgefl.config import AggregatorConfig, ConfigError, DeviceConfig, RunConfig, load
+from edgefl.config import (
+    AggregatorConfig,
+    BrokerConfig,
+    ConfigError,
+    DeviceConfig,
+    RunConfig,
+    check_name,
+    load,
+)
 
 log = logging.getLogger("edgefl")
 
@@ -52,50 +60,17 @@ def _until_signal() -> threading.Event:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     import torch
 
-    from aggregator.service import Aggregator
-    from edgefl.telemetry import peak_rss_mb
+    from aggregator.main import run_service
 
-    started = time.perf_counter()
     cfg = load(AggregatorConfig, args.config)
     torch.set_num_threads(args.threads)
-    stop = _until_signal()
-    agg = Aggregator(cfg)
-    summary: dict[str, object] = {"fleet": cfg.fleet}
-    with agg:
-        runner = threading.Thread(target=agg.run, kwargs={"rounds": args.rounds}, daemon=True)
-        first_round = {}
-
-        def note_first(_m) -> None:
-            first_round.setdefault("s", time.perf_counter() - started)
-
-        agg.on_round = note_first
-        runner.start()
-        while runner.is_alive() and not stop.is_set():
-            runner.join(0.2)
-        if stop.is_set():
-            log.info("stopping (signal); the checkpoint holds round %d", agg.next_round - 1)
-            agg.stop()
-            runner.join(5)
-            return 130
-        if not args.no_export and agg.history:
-            summary["onnx"] = exported = agg.export()
-            if cfg.deploy.rollout and not args.no_deploy:
-                summary["deployment"] = agg.deploy(exported)
-        agg.finish()
-    summary.update(
-        rounds=[vars(m) for m in agg.history],
-        rejected=dict(agg.rejected),
-        peak_rss_mb=peak_rss_mb(),
-        startup_to_first_round_s=first_round.get("s"),
+    return run_service(
+        cfg,
+        rounds=args.rounds,
+        export=not args.no_export,
+        deploy=not args.no_deploy,
+        stop=_until_signal(),
     )
-    out = Path(cfg.state_dir) / "summary.json"
-    out.write_text(json.dumps(summary, indent=1))
-    last = agg.history[-1] if agg.history else None
-    print(
-        f"aggregator: {len(agg.history)} rounds, final accuracy "
-        f"{'-' if not last or last.accuracy is None else f'{last.accuracy:.4f}'}; summary in {out}"
-    )
-    return 0
 
 
 # -- edgefl device ----------------------------------------------------------------------------
@@ -150,6 +125,7 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.limits import limits_for_model
     from broker.serve import serve
 
     return serve(
@@ -163,6 +139,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         tls_port=args.tls_port,
         plain_bind=args.plain_bind,
         plain=not args.no_plain,
+        limits=limits_for_model(args.model, args.chunk_bytes, args.devices),
     )
 
 
@@ -268,17 +245,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_broker(cfg: AggregatorConfig, secret: str) -> BrokerConfig:
+    """The aggregator's broker address and TLS settings with the operators' admin account
+    (its password in ``secret``: admin.secret in the broker's directory)."""
+    try:
+        password = Path(secret).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the admin password from {secret}: {e.strerror}") from None
+    return dataclasses.replace(cfg.broker, username="admin", password=password)
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from aggregator.deploy import rollback_command
 
     cfg = load(AggregatorConfig, args.config)
-    result = rollback_command(cfg, args.to, args.variant)
+    result = rollback_command(cfg, _admin_broker(cfg, args.admin_secret), args.to, args.variant)
     print(
         f"rolled back to model v{result['version']} ({result['variant']}): served by "
         f"{result['devices_serving']} of {result['devices_online']} online devices after "
         f"{result['rollout_s']:.2f} s"
     )
     return 0 if result["devices_serving"] == result["devices_online"] else 1
+
+
+def cmd_readmit(args: argparse.Namespace) -> int:
+    """List quarantined devices, or lift the quarantine of some."""
+    from edgefl import dynsec
+
+    cfg = load(AggregatorConfig, args.config)
+    admin = _admin_broker(cfg, args.admin_secret)
+    if not args.device_ids:
+        answers = dynsec.send(admin, dynsec.list_clients())
+        found = dynsec.quarantined(answers[0]) if answers else {}
+        for device_id, reason in sorted(found.items()):
+            print(f"{device_id}\t{reason}")
+        if not found:
+            print("no device is quarantined")
+        return 0
+    failed = 0
+    for device_id in args.device_ids:
+        check_name("device id", device_id)
+        answers = dynsec.send(admin, dynsec.readmit(device_id))
+        error = answers[0].get("error") if answers else "no answer"
+        if error:
+            failed += 1
+            print(f"{device_id}: not re-admitted: {error}", file=sys.stderr)
+        else:
+            print(f"{device_id}: re-admitted; it logs in with its own account again")
+    return 1 if failed else 0
 
 
 # -- edgefl demo ------------------------------------------------------------------------------
@@ -340,6 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tls-cert")
     b.add_argument("--tls-key")
     b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument(
+        "--model",
+        default="mlp_digits",
+        help="the fleet's model ([model] name): sets the packet size limit",
+    )
+    b.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=128 * 1024,
+        help="the aggregator's deploy.chunk_bytes (ONNX rollout chunks)",
+    )
+    b.add_argument(
+        "--devices",
+        type=int,
+        default=1000,
+        help="how many devices the fleet may grow to: sizes the queue limits",
+    )
     b.set_defaults(func=cmd_broker)
 
     e = sub.add_parser("enroll", help="create device accounts and their config files")
@@ -389,7 +420,24 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--config", required=True, help="the aggregator's TOML")
     rb.add_argument("--to", type=int, help="this model version instead of the previous one")
     rb.add_argument("--variant", choices=["fp32", "int8"])
+    rb.add_argument(
+        "--admin-secret",
+        required=True,
+        help="the admin account's password file (admin.secret in the broker's directory)",
+    )
     rb.set_defaults(func=cmd_rollback)
+
+    ra = sub.add_parser(
+        "readmit", help="lift a device's quarantine at the broker (none given: list them)"
+    )
+    ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
+    ra.add_argument("--config", required=True, help="the aggregator's TOML (broker address)")
+    ra.add_argument(
+        "--admin-secret",
+        required=True,
+        help="the admin account's password file (admin.secret in the broker's directory)",
+    )
+    ra.set_defaults(func=cmd_readmit)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml")

@@ -218,6 +218,29 @@ class LimitsConfig:
 
 
 @dataclass
+class QuarantineConfig:
+    """When the aggregator cuts a device off at the broker (aggregator/guard.py; README,
+    "Reliability and security"). An honest device sends a status when it connects, telemetry
+    every few seconds and one update or reply per round: far below these."""
+
+    enabled: bool = True
+    # Messages per second one device may keep up, and how many above that it may send at once
+    # (a token bucket): a device that reconnects sends a burst of what it queued.
+    rate_per_s: float = 50.0
+    burst: int = 500
+    # Invalid messages (malformed, oversized, for another device or model, absurd values; not
+    # late or duplicate updates, which honest devices send) within window_s that quarantine it.
+    max_invalid: int = 20
+    window_s: float = 60.0
+    # After a quarantine, what is still queued from that device is dropped for this long; what
+    # comes later means an operator re-admitted it (edgefl readmit).
+    hold_s: float = 10.0
+    # Rejections are logged once per device per interval, with counts by reason: a flood must
+    # not fill a Pi's SD card with one line per message.
+    log_interval_s: float = 10.0
+
+
+@dataclass
 class DeployConfig:
     """Exporting the global model to ONNX and rolling it out to the fleet."""
 
@@ -263,6 +286,7 @@ class FederationConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     seed: int = 0
 

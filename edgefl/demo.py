@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -129,8 +130,14 @@ def run_local(
     *,
     progress: bool = False,
     timeout_s: float = 1800.0,
+    during: Callable[[LocalRun], None] | None = None,
 ) -> RunResult:
-    """Run the configured federated training end to end; see the module docstring."""
+    """Run the configured federated training end to end; see the module docstring.
+
+    ``during``, if given, is called in a thread of its own once the first round has started,
+    with the running fleet (:class:`LocalRun`): benchmarks inject floods and faults through it.
+    When it returns the aggregator is stopped (SIGTERM, as systemd would), if it has not
+    finished by itself; that stop is not an error."""
     from aggregator.enrolled import LIST_FILE, add_ids
     from broker import PrivateBroker
     from edgefl.messages import AggregatorStatus
@@ -215,11 +222,27 @@ def run_local(
         aggregator = _spawn(agg_cmd, env, logs / "aggregator.out")
         marks["processes_started_s"] = time.perf_counter() - t0
 
+        live = LocalRun(broker, run_dir, agg_path, aggregator.pid, procs)
+        done_during = threading.Event()
+
+        def run_during() -> None:
+            try:
+                assert during is not None
+                during(live)
+            except Exception:
+                log.exception("the run's `during` step failed")
+                result.error = "the run's `during` step failed; see the log"
+            finally:
+                done_during.set()
+
         # follow the run over MQTT, like any dashboard would
         def on_status(_topic: str, payload: bytes) -> None:
             st = AggregatorStatus.from_payload(payload)
+            live.round = st.round
             if st.expected and "first_round_s" not in marks:
                 marks["first_round_s"] = time.perf_counter() - t0
+                if during is not None:
+                    threading.Thread(target=run_during, name="during", daemon=True).start()
             show.status(st.round, st.reported, st.expected)
 
         monitor = MqttLink(
@@ -229,10 +252,14 @@ def run_local(
         rounds_file = run_dir / "aggregator" / "rounds.jsonl"
         seen = 0
         rounds: list[dict[str, Any]] = []
+        stopped = False
         deadline = time.monotonic() + timeout_s
         try:
             with monitor:
                 while aggregator.poll() is None and time.monotonic() < deadline:
+                    if done_during.is_set() and not stopped:
+                        aggregator.terminate()  # what `during` wanted is done
+                        stopped = True
                     seen = _follow(rounds_file, seen, rounds, show)
                     if any(p.poll() is not None for _, p in procs):
                         raise RuntimeError(f"a device process stopped early; see {logs}")
@@ -241,7 +268,7 @@ def run_local(
                 marks["aggregator_done_s"] = time.perf_counter() - t0
             if aggregator.returncode is None:
                 raise RuntimeError(f"the run did not finish within {timeout_s:.0f} s")
-            if aggregator.returncode != 0:
+            if aggregator.returncode != 0 and not (stopped and aggregator.returncode == 130):
                 raise RuntimeError(
                     f"the aggregator exited with code {aggregator.returncode}; "
                     f"see {logs / 'aggregator.log'} and {logs / 'aggregator.out'}"
@@ -274,6 +301,18 @@ def run_local(
     if result.error:
         show.say(f"edgefl: run failed: {result.error}")
     return result
+
+
+@dataclass
+class LocalRun:
+    """A running local fleet, as ``run_local``'s ``during`` step sees it."""
+
+    broker: Any  # broker.PrivateBroker
+    run_dir: Path
+    aggregator_config: Path
+    aggregator_pid: int
+    device_processes: list[tuple[str, subprocess.Popen]]
+    round: int = 0  # the aggregator's current round, from its retained status
 
 
 def _spawn(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import Mapping
@@ -40,6 +41,12 @@ UPDATE_FORMAT = "edgefl.update"
 MODEL_FORMAT = "edgefl.model"
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_METRICS = 32
+# bounds for what devices say about themselves: everything the aggregator keeps (its registry,
+# checkpoints, metrics) stays within what JSON, MessagePack and the scheduler's arithmetic hold
+MAX_COUNT = 2**53
+MAX_SAMPLES = 10**9
+MAX_TIME = 1e11  # unix seconds: the year 5138
+MAX_CODECS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,17 +97,87 @@ def _name(d: Mapping[str, Any], key: str, what: str) -> str:
     return value
 
 
+# The ranges of the metrics a device reports; what the aggregator does with them (throughput,
+# battery policy, energy) must never see a value outside these. Others must be finite and
+# within +-OTHER_METRIC_LIMIT.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "train_s": (0.0, 1e6),
+    "cpu_s": (0.0, 1e7),
+    "samples_seen": (0.0, 1e12),
+    "steps": (0.0, 1e9),
+    "t_task": (0.0, 1e11),
+    "t_start": (0.0, 1e11),
+    "t_end": (0.0, 1e11),
+    "loss": (0.0, 1e30),
+    "accuracy": (0.0, 1.0),
+    "battery_pct": (0.0, 100.0),
+    "charging": (0.0, 1.0),
+}
+OTHER_METRIC_LIMIT = 1e30
+# printable ASCII without spaces: agent versions, machine names
+TOKEN_RE = re.compile(r"^[!-~]*\Z")
+
+
+def _check_metric_ranges(metrics: Mapping[str, float], what: str) -> dict[str, float]:
+    for k, v in metrics.items():
+        lo, hi = METRIC_RANGES.get(k, (-OTHER_METRIC_LIMIT, OTHER_METRIC_LIMIT))
+        if not lo <= v <= hi:
+            raise WireError(
+                "malformed", f"{what}: metric {k[:64]!r} = {v:g} is outside [{lo:g}, {hi:g}]"
+            )
+    return dict(metrics)
+
+
 def _metrics(value: Any, what: str) -> dict[str, float]:
     if not isinstance(value, dict) or len(value) > MAX_METRICS:
         raise WireError("malformed", f"{what}: metrics must be a map of at most {MAX_METRICS}")
     out: dict[str, float] = {}
     for k, v in value.items():
-        if not isinstance(k, str) or len(k) > 64:
-            raise WireError("malformed", f"{what}: metric names must be short strings")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not isinstance(k, str) or not 0 < len(k) <= 64 or not TOKEN_RE.match(k):
+            raise WireError("malformed", f"{what}: metric names must be short printable strings")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise WireError("malformed", f"{what}: metric {k!r} must be a finite number")
-        out[k] = float(v)
-    return out
+        try:
+            out[k] = float(v)
+        except OverflowError:  # an integer too large for a float
+            out[k] = math.inf
+        if not math.isfinite(out[k]):
+            raise WireError("malformed", f"{what}: metric {k!r} must be a finite number")
+    return _check_metric_ranges(out, what)
+
+
+def _text(d: Mapping[str, Any], key: str, what: str, max_len: int, token: bool = False) -> str:
+    """A string field: at most ``max_len`` characters, no control characters, encodable as
+    UTF-8 (JSON can carry lone surrogates, which no log file or checkpoint can); with ``token``
+    printable ASCII without spaces."""
+    value = d.get(key, "")
+    if not isinstance(value, str):
+        raise WireError("malformed", f"{what}: {key!r} must be a string")
+    if len(value) > max_len:
+        raise WireError("malformed", f"{what}: {key!r} is longer than {max_len} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError("malformed", f"{what}: {key!r} is not valid text") from None
+    if (token and not TOKEN_RE.match(value)) or not value.isprintable():
+        raise WireError("malformed", f"{what}: {key!r} holds characters it may not")
+    return value
+
+
+def _flag(d: Mapping[str, Any], key: str, what: str, default: bool | None) -> bool | None:
+    value = d.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise WireError("malformed", f"{what}: {key!r} must be true or false")
+    return value
+
+
+def _check_version(obj: Mapping[str, Any], what: str) -> None:
+    version = obj.get("v")
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
+        raise WireError(
+            "version",
+            f"{what} format version {str(version)[:20]}, this build reads {FORMAT_VERSION}",
+        )
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -153,10 +230,8 @@ def _codec_spec(spec: Any) -> dict[str, Any]:
 
 def _check_header(obj: Mapping[str, Any], fmt: str) -> None:
     if obj.get("fmt") != fmt:
-        raise WireError("malformed", f"not an {fmt} message (fmt={obj.get('fmt')!r})")
-    version = obj.get("v")
-    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
-        raise WireError("version", f"format version {version!r}, this build reads {FORMAT_VERSION}")
+        raise WireError("malformed", f"not an {fmt} message (fmt={str(obj.get('fmt'))[:40]!r})")
+    _check_version(obj, fmt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +539,7 @@ def _decode_compact_update(
         metrics.update(_metrics(fields["extra"], what))
     if len(metrics) > MAX_METRICS:
         raise WireError("malformed", f"{what}: more than {MAX_METRICS} metrics")
+    _check_metric_ranges(metrics, what)
     delta = cls().decode(fields["tensors"], spec)
     return Update(device_id, rnd, base, n, delta, metrics, {"name": cls.name})
 
@@ -689,23 +765,23 @@ class Telemetry:
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Telemetry:
-        return cls.from_dict(_load_json(payload, "telemetry"))
+        obj = _load_json(payload, "telemetry")
+        _check_version(obj, "telemetry")
+        return cls.from_dict(obj)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Telemetry:
         what = "telemetry"
-        charging = obj.get("charging")
-        if charging is not None and not isinstance(charging, bool):
-            raise WireError("malformed", "charging must be true, false or null")
+        _only_keys(obj, TELEMETRY_KEYS, what)
         return cls(
             cpu_percent=_number(obj, "cpu_percent", what, 0.0, 100.0 * 1024),
-            mem_available_mb=_number(obj, "mem_available_mb", what, 0.0),
-            samples=_count(obj, "samples", what),
+            mem_available_mb=_number(obj, "mem_available_mb", what, 0.0, 1e9),
+            samples=_count(obj, "samples", what, 0, MAX_SAMPLES),
             battery_percent=_optional_number(obj, "battery_percent", what, 0.0, 100.0),
-            charging=charging,
+            charging=_flag(obj, "charging", what, None),
             temperature_c=_optional_number(obj, "temperature_c", what, -100.0, 200.0),
             link_kbps=_optional_number(obj, "link_kbps", what, 0.0, 1e9),
-            ts=_number(obj, "ts", what, 0.0),
+            ts=_number(obj, "ts", what, 0.0, MAX_TIME),
         )
 
 
@@ -736,15 +812,13 @@ class Status:
     def from_payload(cls, payload: bytes) -> Status:
         obj = _load_json(payload, "status")
         what = "status"
+        _check_version(obj, what)
+        _only_keys(obj, STATUS_KEYS, what)
         state = obj.get("state")
         if state not in ("online", "offline"):
-            raise WireError("malformed", f"status state {state!r}")
-        caps = obj.get("capabilities", {})
-        if not isinstance(caps, dict):
-            raise WireError("malformed", "capabilities must be an object")
-        version = obj.get("agent_version", "")
-        if not isinstance(version, str):
-            raise WireError("malformed", "agent_version must be a string")
+            raise WireError("malformed", f"status state {str(state)[:20]!r}")
+        caps = capabilities_from(obj.get("capabilities", {}))
+        version = _text(obj, "agent_version", what, 64, token=True)
         telemetry = obj.get("telemetry")
         if telemetry is not None:
             if not isinstance(telemetry, dict):
@@ -753,16 +827,16 @@ class Status:
         serving = obj.get("serving")
         return cls(
             state=state,
-            agent_version=version[:64],
+            agent_version=version,
             capabilities=caps,
             telemetry=telemetry,
-            serving=None if serving is None else _count(obj, "serving", what),
+            serving=None if serving is None else _count(obj, "serving", what, 0, MAX_COUNT),
             serving_accuracy=_optional_number(obj, "serving_accuracy", what, 0.0, 1.0),
             serving_seq=None if obj.get("serving_seq") is None else _count(
-                obj, "serving_seq", what
+                obj, "serving_seq", what, 0, MAX_COUNT
             ),
             previous_accuracy=_optional_number(obj, "previous_accuracy", what, 0.0, 1.0),
-            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+            ts=_number(obj, "ts", what, 0.0, MAX_TIME) if "ts" in obj else 0.0,
         )
 
 
@@ -776,6 +850,8 @@ class AggregatorStatus:
     reported: int = 0
     expected: int = 0
     accuracy: float | None = None
+    # devices cut off at the broker (aggregator/guard.py), for operators
+    quarantined: list[str] = field(default_factory=list)
     ts: float = field(default_factory=time.time)
 
     def to_payload(self) -> bytes:
@@ -795,8 +871,16 @@ class AggregatorStatus:
             reported=_count(obj, "reported", what) if "reported" in obj else 0,
             expected=_count(obj, "expected", what) if "expected" in obj else 0,
             accuracy=_optional_number(obj, "accuracy", what, 0.0, 1.0),
+            quarantined=_device_ids(obj, "quarantined", what),
             ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
         )
+
+
+def _device_ids(obj: Mapping[str, Any], key: str, what: str) -> list[str]:
+    ids = obj.get(key, [])
+    if not isinstance(ids, list) or not all(isinstance(i, str) and NAME_RE.match(i) for i in ids):
+        raise WireError("malformed", f"{what}: {key!r} must be a list of device ids")
+    return ids
 
 
 MAX_ONNX_BYTES = 64 << 20
@@ -899,6 +983,56 @@ class PowerModel:
         )
 
 
+def _only_keys(obj: Mapping[str, Any], known: frozenset[str], what: str) -> None:
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise WireError("malformed", f"{what}: unknown key {str(unknown[0])[:40]!r}")
+
+
+TELEMETRY_KEYS = frozenset(
+    {"v", "cpu_percent", "mem_available_mb", "samples", "battery_percent", "charging",
+     "temperature_c", "link_kbps", "ts"}
+)
+STATUS_KEYS = frozenset(
+    {"v", "state", "agent_version", "capabilities", "telemetry", "serving", "serving_accuracy",
+     "serving_seq", "previous_accuracy", "ts"}
+)
+
+
+def _codec_names(obj: Mapping[str, Any], key: str, what: str) -> list[str]:
+    names = obj[key]
+    if not isinstance(names, list) or len(names) > MAX_CODECS:
+        raise WireError("malformed", f"{what}: {key!r} must be a list of at most {MAX_CODECS}")
+    return [_name({"codec": n}, "codec", what) for n in names]
+
+
+# A birth's capabilities, key by key: what each must be. The registry keeps them and checkpoints
+# them, so nothing else gets in (a number beyond 64 bits once stopped every checkpoint).
+CAPABILITIES: dict[str, Any] = {
+    "cpu_count": lambda o, k, w: _count(o, k, w, 1, 1 << 16),
+    "mem_total_mb": lambda o, k, w: _count(o, k, w, 0, 1 << 40),
+    "machine": lambda o, k, w: _text(o, k, w, 32, token=True),
+    "python": lambda o, k, w: _text(o, k, w, 32, token=True),
+    "samples": lambda o, k, w: _count(o, k, w, 0, MAX_SAMPLES),
+    "model": lambda o, k, w: _name(o, k, w),
+    "codecs": _codec_names,
+    "power": lambda o, k, w: asdict(PowerModel.from_capabilities(o)),
+    "simulated": lambda o, k, w: _flag(o, k, w, False),
+    "charge_w": lambda o, k, w: _number(o, k, w, 0.0, 10_000.0),
+    # false: a serve-only device (no torch), which the scheduler never asks to train
+    "trains": lambda o, k, w: _flag(o, k, w, True),
+}
+
+
+def capabilities_from(obj: Any) -> dict[str, Any]:
+    """A birth's capabilities, every key known and every value within its bounds."""
+    what = "capabilities"
+    if not isinstance(obj, dict):
+        raise WireError("malformed", f"{what} must be an object")
+    _only_keys(obj, frozenset(CAPABILITIES), what)
+    return {key: CAPABILITIES[key](obj, key, what) for key in obj if obj[key] is not None}
+
+
 REPLY_FORMAT = "edgefl.reply"
 REPLY_KINDS = ("declined", "late", "superseded")
 MAX_REASON = 200
@@ -955,16 +1089,13 @@ class Reply:
         kind = obj.get("kind")
         if kind not in REPLY_KINDS:
             raise WireError("malformed", f"reply kind {str(kind)[:40]!r}")
-        reason = obj.get("reason", "")
-        if not isinstance(reason, str):
-            raise WireError("malformed", "reply reason must be a string")
         return cls(
             device_id=device_id,
-            round=_count(obj, "round", what),
+            round=_count(obj, "round", what, 0, MAX_COUNT),
             kind=kind,
-            reason=reason[:MAX_REASON],
+            reason=_text(obj, "reason", what, MAX_REASON),
             metrics=_metrics(obj.get("metrics", {}), what),
-            ts=_number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+            ts=_number(obj, "ts", what, 0.0, MAX_TIME) if "ts" in obj else 0.0,
         )
 
 

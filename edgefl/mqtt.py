@@ -78,7 +78,11 @@ class MqttLink:
         max_inflight: int = 100,
         manual_ack: bool = False,
     ) -> None:
-        self.client_id = client_id
+        # An account is one connection: broker/ makes Mosquitto take the username as the client
+        # id (so no account can take over another's connection and session); asking for the
+        # same here keeps logs and brokers without that setting in step. ``client_id`` names
+        # anonymous connections only.
+        self.client_id = broker.username or client_id
         self.broker = broker
         self._on_connect_cb = on_connect
         self._clean_start = clean_start
@@ -97,11 +101,12 @@ class MqttLink:
         self.handler_errors = 0
         self.connects = 0
         self.max_packet_size: int | None = None
+        self.session_present = False
 
         self.manual_ack = manual_ack
         c = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=self.client_id,
             protocol=paho.MQTTv5,
             reconnect_on_failure=True,
             manual_ack=manual_ack,
@@ -279,7 +284,10 @@ class MqttLink:
             handler(msg.topic, msg.payload)
         except Exception:
             self.handler_errors += 1
-            log.exception("%s: handler for %s failed; message dropped", self.client_id, msg.topic)
+            log.exception(
+                "%s: handler for %s failed on a %d-byte message; message dropped",
+                self.client_id, msg.topic[:200], len(msg.payload),
+            )
         if self.manual_ack:
             ack()
 
@@ -298,6 +306,8 @@ class MqttLink:
                 threading.Thread(target=client.disconnect, daemon=True).start()
             return
         self.connects += 1
+        # whether the broker kept our session (subscriptions, unacknowledged messages)
+        self.session_present = bool(flags.session_present)
         # the broker's packet limit (MQTT 5 CONNACK); paho does not enforce it for us
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:

@@ -298,8 +298,12 @@ def test_rollback_with_one_command(make_fleet) -> None:
         agg.run(rounds=3)
         second = agg.deploy(agg.export())
         assert second["version"] > first["version"]
-    # the command a user runs, with the aggregator's own config (here: while it is stopped)
-    result = rollback_command(agg.cfg, None, None)
+        connects = agg.link.connects
+        # the command a user runs: the aggregator's config and the operators' admin account,
+        # while the aggregator runs, whose connection it must leave alone
+        admin = fleet.broker.broker_config(fleet.broker.admin)
+        result = rollback_command(agg.cfg, admin, None, None)
+        assert agg.link.connected.is_set() and agg.link.connects == connects
     assert result["kind"] == "rollback" and result["version"] == first["version"]
     assert result["devices_serving"] == 2
     assert all(a.server.version == first["version"] for a in fleet.agents.values())

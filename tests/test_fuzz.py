@@ -7,6 +7,7 @@ message from MQTT goes through.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -20,7 +21,7 @@ from aggregator.service import Aggregator
 from device.updates import UpdateEncoder
 from edgefl.compression import DenseCodec
 from edgefl.config import AggregatorConfig, BrokerConfig
-from edgefl.messages import GlobalModel, Status, Task, Telemetry, Update, encode_update
+from edgefl.messages import GlobalModel, Reply, Status, Task, Telemetry, Update, encode_update
 from tests.conftest import FLEET
 
 TOPIC = f"edgefl/{FLEET}/devices/dev-a/update"
@@ -37,6 +38,8 @@ def agg(tmp_path_factory) -> Aggregator:
     cfg = AggregatorConfig(
         fleet=FLEET, broker=BrokerConfig(port=1), state_dir=str(tmp_path_factory.mktemp("fuzz"))
     )
+    # every payload must reach the decoders: a quarantined dev-a would be dropped unread
+    cfg.quarantine.enabled = False
     return Aggregator(cfg)  # never started: the handlers are driven by hand
 
 
@@ -125,6 +128,67 @@ def test_mutated_updates_never_escape_validation(agg, valid, data) -> None:
 def test_status_and_telemetry_paths_never_raise(agg, payload) -> None:
     agg._on_status(f"edgefl/{FLEET}/devices/dev-a/status", payload)
     agg._on_telemetry(f"edgefl/{FLEET}/devices/dev-a/telemetry", payload)
+
+
+# -- every handler, then a checkpoint: nothing a device says may make the state unsavable -------
+
+# JSON as an attacker writes it: integers past 64 bits, floats at the edges, deep nesting, lone
+# surrogates and control characters in strings, long lists
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=80),
+    st.just("\ud800"),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner,
+                                                                 max_size=6),
+    max_leaves=40,
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_every_handler_then_a_checkpoint(agg, data) -> None:
+    """Statuses, telemetry and replies with any field replaced by anything JSON can carry (or
+    an extra field added), through their handlers as MQTT delivers them; then the checkpoint
+    that every round writes must still encode."""
+    birth = json.loads(
+        Status("online", "0.1.0", {"samples": 10, "machine": "aarch64"},
+               Telemetry(1.0, 100.0, 5)).to_payload()
+    )
+    telemetry = json.loads(Telemetry(1.0, 100.0, 5).to_payload())
+    reply = json.loads(Reply("dev-a", 1, "declined", "battery", {"cpu_s": 0.1}).to_payload())
+    for message in (birth, birth["capabilities"], telemetry, reply, reply["metrics"]):
+        key = data.draw(st.sampled_from([*message, "extra"]))
+        message[key] = data.draw(JSON_VALUES)
+    try:
+        payloads = [json.dumps(m).encode("utf-8", "surrogatepass") for m in (birth, telemetry,
+                                                                             reply)]
+    except ValueError:
+        return
+    devices = f"edgefl/{FLEET}/devices/dev-a/"
+    agg._on_status(devices + "status", payloads[0])
+    agg._on_telemetry(devices + "telemetry", payloads[1])
+    agg._on_update(devices + "update", payloads[2], lambda: None)
+    agg._checkpoint()  # raises if anything stored cannot be encoded
+    rec = agg.registry.get("dev-a")
+    if rec is not None:
+        json.dumps(rec.capabilities)  # only plain, bounded values were kept
+        assert all(isinstance(k, str) for k in rec.capabilities)
+
+
+def test_the_reported_birth_is_rejected_and_counted(agg) -> None:
+    """The attack that once stopped training: an integer beyond 64 bits in the capabilities."""
+    before = agg.guard.rejected["status/malformed"]
+    birth = {"v": 1, "state": "online", "capabilities": {"samples": 10**30}}
+    agg._on_status(f"edgefl/{FLEET}/devices/dev-z/status", json.dumps(birth).encode())
+    assert agg.guard.rejected["status/malformed"] == before + 1
+    assert agg.registry.get("dev-z") is None
+    agg._checkpoint()
 
 
 # -- finite but absurd: the magnitude limit, and the last check before a model is published ---

@@ -863,7 +863,7 @@ def test_status_birth_round_trip():
     sent = Status(
         state="online",
         agent_version="0.1.0",
-        capabilities={"arch": "aarch64", "cores": 4, "codecs": ["dense_fp32", "fp16"]},
+        capabilities={"machine": "aarch64", "cpu_count": 4, "codecs": ["dense_fp32", "fp16"]},
         telemetry=make_telemetry(),
         serving=3,
         serving_accuracy=0.9375,
@@ -875,7 +875,7 @@ def test_status_birth_round_trip():
 
 
 def test_status_will_is_a_bare_offline():
-    got = Status.from_payload(b'{"state":"offline"}')
+    got = Status.from_payload(b'{"v":1,"state":"offline"}')
     assert got.state == "offline" and got.telemetry is None and got.serving is None
 
 
@@ -901,10 +901,10 @@ def test_status_with_a_bad_field(change):
 @pytest.mark.parametrize(
     "payload",
     [
-        b'{"state":"online","serving_accuracy":NaN}',
-        b'{"state":"online","serving_accuracy":Infinity}',
-        b'{"state":"online","ts":-Infinity}',
-        b'{"state":"online","telemetry":{"cpu_percent":NaN,"mem_available_mb":1,'
+        b'{"v":1,"state":"online","serving_accuracy":NaN}',
+        b'{"v":1,"state":"online","serving_accuracy":Infinity}',
+        b'{"v":1,"state":"online","ts":-Infinity}',
+        b'{"v":1,"state":"online","telemetry":{"cpu_percent":NaN,"mem_available_mb":1,'
         b'"samples":1,"ts":1}}',
     ],
 )
