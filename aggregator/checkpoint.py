@@ -25,6 +25,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from edgefl.atomic import fsync_path, replacing
+
 log = logging.getLogger(__name__)
 
 ARRAY_TAG = "__ndarray__"
@@ -59,21 +61,12 @@ def _unpack(body: bytes) -> Any:
     return msgpack.unpackb(body, raw=False, strict_map_key=False, object_hook=_decode_array)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Checkpointer:
     """Saves and loads one checkpoint file (plus its ``.prev``)."""
 
     def __init__(self, path: str | Path, background_flush: bool = True) -> None:
         self.path = Path(path)
         self.prev = self.path.with_name(self.path.name + ".prev")
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._background = background_flush
         self._flusher: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -84,12 +77,11 @@ class Checkpointer:
         body = _pack(state)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wait_flushed()  # never move a file aside that is not yet on the disk
-        with self._tmp.open("wb") as f:
-            f.write(body)
-            f.write(hashlib.sha256(body).digest())
-        if self.path.exists():
-            os.replace(self.path, self.prev)
-        os.replace(self._tmp, self.path)
+        # flushed in the background (below), not by the rename: a round need not wait for it
+        with replacing(self.path, durable=False) as tmp:
+            tmp.write_bytes(body + hashlib.sha256(body).digest())
+            if self.path.exists():
+                os.replace(self.path, self.prev)
         with self._lock:
             self._flushing = True
         if self._background:
@@ -109,8 +101,8 @@ class Checkpointer:
 
     def _flush(self) -> None:
         try:
-            _fsync(self.path)
-            _fsync(self.path.parent)
+            fsync_path(self.path)
+            fsync_path(self.path.parent)
         except OSError as e:  # the next save tries again; the loader has .prev
             log.warning("could not flush checkpoint %s: %s", self.path, e)
         with self._lock:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
 from edgefl import dynsec
+from edgefl.atomic import write_atomic
 from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
@@ -686,10 +686,7 @@ class Aggregator:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Atomically (a crash leaves the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def _read_history(path: Path, next_round: int) -> list[RoundMetrics]:

@@ -6,8 +6,8 @@ enrolled devices only). One more enrolled device account is the attacker: with i
 credentials, on its own topics, one paho publisher sends as fast as it can
 
 - ``junk``: 1 KB of zeros on its update topic,
-- ``stale``: copies of a real update (taken from a neighbour and re-signed with its own id, so
-  each is a valid envelope for a round long closed),
+- ``stale``: copies of a real update of its own (dense fp32, built by the agent's encoder for
+  round 1: each copy is a valid envelope for a round long closed),
 - ``limit``: payloads just under the broker's packet limit,
 
 each at QoS 0 and at QoS 1, for ``--seconds`` (30) each, after a clean window of the same length
@@ -33,16 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 
 from aggregator.enrolled import LIST_FILE, add_ids
 from benchmarks.common import machine, median, table, write_results
+from device.updates import UpdateEncoder
 from edgefl import dynsec
 from edgefl.config import RunConfig, load
 from edgefl.demo import LocalRun, run_local
-from edgefl.messages import decode_update, encode_compact_update
-from edgefl.models import build_model, model_spec
-from edgefl.mqtt import MqttLink
+from edgefl.messages import GlobalModel, Task
+from edgefl.models import build_model, get_weights
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
 HOSTILE = "dev-hostile"
@@ -180,27 +181,17 @@ def _window(run: LocalRun, seconds: float, flooder: Flooder | None) -> dict[str,
     return out
 
 
-def _stale_update(run: LocalRun, model: str, neighbour: str) -> bytes:
-    """A real update of a neighbour, caught on the wire, re-signed as the hostile device's."""
-    caught: list[bytes] = []
-    got = threading.Event()
-
-    def on_update(_topic: str, payload: bytes) -> None:
-        if not payload.startswith(b"{"):
-            caught.append(payload)
-            got.set()
-
-    monitor = MqttLink("m", run.broker.broker_config(run.broker.monitor), clean_start=True)
-    monitor.subscribe(f"edgefl/{run.broker.fleet}/devices/{neighbour}/update", on_update)
-    with monitor:
-        if not got.wait(60):
-            raise RuntimeError(f"no update from {neighbour} within 60 s")
-    from edgefl.compression import make_codec
-
-    spec = model_spec(build_model(model))
-    update = decode_update(caught[0], topic_device_id=neighbour, spec=spec)
-    update.device_id = HOSTILE
-    return encode_compact_update(update, make_codec(update.codec), spec)
+def _stale_update(model: str, workdir: Path) -> bytes:
+    """A real update of the hostile device, as its agent's encoder builds it (dense fp32, as
+    B1), for round 1 on model v0: every copy sent later is valid but long stale."""
+    weights = get_weights(build_model(model, seed=0))
+    rng = np.random.default_rng(0)
+    trained = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in weights.items()}
+    task = Task(round=1, base_version=0, epochs=5, batch_size=32, lr=0.1,
+                codec={"name": "dense_fp32"}, deadline=time.time() + 60)
+    encoder = UpdateEncoder(HOSTILE, workdir)
+    return encoder.encode(task, GlobalModel(0, 0, model, weights), trained, 80,
+                          {"train_s": 0.05, "samples_seen": 400.0, "steps": 15.0})
 
 
 def flood_run(cfg: RunConfig, seconds: float, cases: list[tuple[str, int]]) -> dict[str, Any]:
@@ -210,7 +201,7 @@ def flood_run(cfg: RunConfig, seconds: float, cases: list[tuple[str, int]]) -> d
         hostile = run.broker.device_account(HOSTILE)
         add_ids(run.run_dir / LIST_FILE, [HOSTILE])  # an enrolled device, turned hostile
         admin = run.broker.broker_config(run.broker.admin)
-        stale = _stale_update(run, cfg.model.name, "dev-00")
+        stale = _stale_update(cfg.model.name, run.run_dir / HOSTILE)
         limit = run.broker.max_packet_size - 1024
         payloads = {"junk": bytes(1024), "stale": stale, "limit": bytes(limit)}
         print(f"  clean window ({seconds:.0f} s) ...", flush=True)
@@ -287,12 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "honest_lost_total": sum(w["honest_lost"] for w in floods),
         "worst_round_ratio_after_10s": max(
-            (w["round_ratio_after_10s"] or 0.0 for w in floods), default=None),
+            (w["round_ratio_after_10s"] for w in floods if w["round_ratio_after_10s"]),
+            default=None),
         "broker_peak_rss_mb": max(w["broker_peak_rss_mb"] for w in windows.values()),
         "aggregator_peak_rss_mb": max(w["aggregator_peak_rss_mb"] for w in windows.values()),
         "log_bytes_per_s_max": max(
             w["aggregator_log_bytes_per_s"] + w["broker_log_bytes_per_s"] for w in floods),
-        "time_to_quarantine_s_max": max((w["cut_off_s"] or 0.0 for w in floods), default=None),
+        # None if some flood was never cut off
+        "time_to_quarantine_s_max": None if any(w["cut_off_s"] is None for w in floods)
+        else max((w["cut_off_s"] for w in floods), default=None),
         "seconds": args.seconds,
         "devices": args.devices,
         "windows": windows,

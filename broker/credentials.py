@@ -14,12 +14,12 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgefl.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,28 +130,8 @@ def _checked(accounts: Mapping[str, str]) -> Mapping[str, str]:
 
 
 def _write_entries(path: Path, entries: Mapping[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(f"{u}:{h}\n" for u, h in entries.items())
-    try:
-        old = path.stat()
-    except FileNotFoundError:
-        old = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp already creates the file 0600: only the broker's own user should read hashes.
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        if old is not None and os.geteuid() == 0:
-            # A root-run tool rewriting a file that a privilege-dropped broker (user
-            # "mosquitto") reads must hand the new file back to that user.
-            os.chown(tmp, old.st_uid, old.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # 0600: only the broker's own user should read hashes; a root-run tool rewriting the file
+    # that a privilege-dropped broker (user "mosquitto") reads hands it back to that user
+    write_atomic(path, body, mode=0o600, owner_of=path)
     log.debug("wrote %d account(s) to %s", len(entries), path)

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgefl.atomic import write_atomic
 from edgefl.config import check_name
 
 from .limits import DEFAULT_LIMITS
@@ -174,10 +175,7 @@ def broker_user() -> str:
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a file in one rename, so a reloading broker never reads half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_atomic(path, text, mode=mode)
 
 
 def _check_path(key: str, value: str) -> None:

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from edgefl.atomic import write_atomic
 from edgefl.config import ConfigError, check_name
 
 from .credentials import (
@@ -272,10 +273,7 @@ def _ensure_account(workdir: Path, username: str) -> Account:
         return Account(username, password)
     password = generate_password()
     add_account(workdir / PASSWORD_FILE, username, password)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(password + "\n")
-    os.chmod(secret_path, 0o600)
+    write_atomic(secret_path, password + "\n", mode=0o600)
     log.info("created the %r account; its password is in %s", username, secret_path)
     return Account(username, password)
 

@@ -16,8 +16,6 @@ to one of them needs no download.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,22 +23,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgefl.atomic import write_atomic
+
 CURRENT = "current.json"
 KEEP = 3
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class LocalModels:
@@ -57,12 +43,12 @@ class LocalModels:
         """Store a received model (its checksum already verified)."""
         path = self.dir / f"{sha256}.onnx"
         if not path.exists():
-            _atomic_write(path, body)
+            write_atomic(path, body)
         return path
 
     def set_current(self, info: dict[str, Any]) -> None:
         """Record what is in service (``info`` holds at least sha256 and version)."""
-        _atomic_write(self.dir / CURRENT, json.dumps(info).encode())
+        write_atomic(self.dir / CURRENT, json.dumps(info).encode())
         self._prune(keep={info["sha256"]})
 
     def current(self) -> dict[str, Any] | None:

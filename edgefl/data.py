@@ -8,13 +8,13 @@ Dirichlet label skew with alpha 0.5 over 20 devices, seed 0, at least 10 samples
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgefl.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,8 @@ def partition(
 
 def save_npz(path: str | Path, data: Dataset) -> None:
     """Write atomically, so a device never reads half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, X=data.X.astype(np.float32), y=data.y.astype(np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, X=data.X.astype(np.float32), y=data.y.astype(np.int64))
 
 
 def load_npz(path: str | Path, features: int | None = None, classes: int | None = None) -> Dataset:

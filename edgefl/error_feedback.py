@@ -32,14 +32,13 @@ cannot be read is dropped with a warning; it never stops the agent.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import numpy as np
 
+from edgefl.atomic import write_atomic
 from edgefl.compression import ModelSpec, PackedCodec, num_values, spec_tag
 from edgefl.config import CodecConfig
 
@@ -171,17 +170,7 @@ class ErrorFeedback:
             },
             use_bin_type=True,
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ef-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, body)
 
     def _load(self) -> FeedbackState | None:
         try:

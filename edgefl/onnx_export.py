@@ -8,8 +8,6 @@ accuracy) travels inside the file, where ONNX Runtime can read it back.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from edgefl.atomic import replacing, write_atomic
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -54,13 +54,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), str(value)
     onnx.checker.check_model(proto)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(proto.SerializeToString())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, proto.SerializeToString())
 
 
 def onnx_logits(path: str | Path, X: np.ndarray) -> np.ndarray:
@@ -92,9 +86,6 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-    os.replace(tmp, dst)
-    return dst
+    with replacing(dst) as tmp:
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    return Path(dst)

@@ -61,7 +61,7 @@ def test_when_flushed_runs_after_the_flush_or_at_once(tmp_path) -> None:
     ck = Checkpointer(tmp_path / "ck.msgpack")
     gate = threading.Event()
     flushed: list[str] = []
-    real_fsync = checkpoint._fsync
+    real_fsync = checkpoint.fsync_path
 
     def slow_fsync(path):
         gate.wait(5)
@@ -69,7 +69,7 @@ def test_when_flushed_runs_after_the_flush_or_at_once(tmp_path) -> None:
         flushed.append(str(path))
 
     calls: list[int] = []
-    checkpoint._fsync = slow_fsync
+    checkpoint.fsync_path = slow_fsync
     try:
         ck.save({"round": 1})
         ck.when_flushed(lambda: calls.append(len(flushed)))
@@ -77,7 +77,7 @@ def test_when_flushed_runs_after_the_flush_or_at_once(tmp_path) -> None:
         gate.set()
         ck.wait_flushed()
     finally:
-        checkpoint._fsync = real_fsync
+        checkpoint.fsync_path = real_fsync
     assert calls == [2]  # after the file and its folder were flushed
     ck.when_flushed(lambda: calls.append(-1))
     assert calls == [2, -1]  # nothing pending: at once
