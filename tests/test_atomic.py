@@ -38,7 +38,6 @@ def test_a_failure_while_writing_leaves_the_old_file_and_no_temporary(tmp_path: 
 
 def test_the_block_may_write_the_temporary_path_itself(tmp_path: Path) -> None:
     # tools that take a file name (ONNX Runtime's quantiser, numpy) write to the path given
-    with replacing(tmp_path / "out.bin") as tmp:
-        with open(tmp, "wb") as f:
-            f.write(b"x" * 10)
+    with replacing(tmp_path / "out.bin") as tmp, open(tmp, "wb") as f:
+        f.write(b"x" * 10)
     assert (tmp_path / "out.bin").read_bytes() == b"x" * 10
