@@ -254,9 +254,6 @@ class DeviceRegistry:
             rec.energy_j += energy
             return energy
 
-    def on_update(self, device_id: str, samples_seen: float, train_s: float) -> None:
-        self.on_work(device_id, {"samples_seen": samples_seen, "train_s": train_s})
-
     def on_declined(self, device_id: str, reason: str) -> None:
         """A device refused a task: a matter of policy (its battery), not of reliability."""
         with self._lock:

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgefl.aggregation import WeightedSum
+from edgefl.aggregation import Accumulator, Contribution, WeightedSum
 from edgefl.compression import ModelSpec
 from edgefl.messages import Update
-from edgefl.strategies.fednova import Normalised
+
+# the local steps assumed for a device whose task set no cap and whose update names none
+NO_CAP = 10_000_000
 
 
 class Duplicate(Exception):
@@ -53,9 +55,8 @@ class Round:
         *,
         enough: int | None = None,
         enough_grace: float = 0.0,
-        fednova: bool = False,
         step_caps: dict[str, int] | None = None,
-        accumulator: WeightedSum | None = None,
+        accumulator: Accumulator | None = None,
     ) -> None:
         self.number = number
         self.base_version = base_version
@@ -64,11 +65,10 @@ class Round:
         self.opened_at = time.time()
         self._opened = time.perf_counter()
         self.last_update_s = 0.0  # from opening to the last accepted update
-        # the aggregation rule (edgefl/robust.py; the sample-weighted mean by default), within
-        # FedNova's normalisation if asked: the steps a device claims are then held to what its
-        # task allowed (step_caps), so no one can inflate its weight by claiming fewer
-        inner = accumulator if accumulator is not None else WeightedSum(spec)
-        self.sum = Normalised(inner) if fednova else inner
+        # what accepted updates are folded into (edgefl/aggregation.py; the sample-weighted mean
+        # by default). The steps a device claims are held to what its task allowed (step_caps),
+        # so that no one can inflate its weight under FedNova by claiming fewer
+        self.sum: Accumulator = accumulator if accumulator is not None else WeightedSum(spec)
         self.step_caps = dict(step_caps or {})
         self.enough = enough  # close once this many reported (overcommit); None: wait for all
         self.enough_grace = enough_grace  # ... and the rest had this fraction longer
@@ -120,27 +120,27 @@ class Round:
                 raise Duplicate(update.device_id)
             if update.device_id in self.withdrawn:
                 raise NotParticipant(update.device_id)  # it said it would not report
-            if isinstance(self.sum, Normalised):
-                cap = self.step_caps.get(update.device_id, 10_000_000)
-                steps = min(max(update.metrics.get("steps", cap), 1.0), max(cap, 1))
-                self.sum.add(update.delta, float(update.num_samples), steps)
-            else:
-                self.sum.add(update.delta, float(update.num_samples))
+            cap = self.step_caps.get(update.device_id, NO_CAP)
+            steps = min(max(update.metrics.get("steps", cap), 1.0), max(cap, 1))
+            self.sum.fold(
+                Contribution(
+                    update.device_id,
+                    update.delta,
+                    float(update.num_samples),
+                    float(steps),
+                    update.base_version,
+                )
+            )
             self.accepted[update.device_id] = update.metrics
             self.samples += update.num_samples
             self.uplink_bytes += payload_bytes
             self.last_update_s = time.perf_counter() - self._opened
             self.changed.notify_all()
 
-    @property
-    def effective_steps(self) -> float | None:
-        """FedNova's tau_eff: the sample-weighted mean number of local steps."""
-        return self.sum.effective_steps if isinstance(self.sum, Normalised) else None
-
     def aggregate(self) -> dict[str, np.ndarray] | None:
         """The round's combined delta, or None if nothing was accepted."""
         with self._lock:
-            return self.sum.mean() if self.sum.count else None
+            return self.sum.aggregate()
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:
@@ -231,5 +231,5 @@ class Round:
                 rejected=Counter(self.rejected),
                 withdrawn=dict(self.withdrawn),
                 energy_j=dict(self.energy_j),
-                effective_steps=self.effective_steps,
+                effective_steps=self.sum.figures().get("effective_steps"),
             )

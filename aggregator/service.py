@@ -229,7 +229,6 @@ class Aggregator:
             self.spec,
             enough=plan.enough,
             enough_grace=self.cfg.rounds.overcommit_grace,
-            fednova=self.cfg.strategy.fednova,
             step_caps=plan.step_caps,
             accumulator=self._accumulator(),
         )
@@ -281,7 +280,6 @@ class Aggregator:
             self.spec,
             enough=header.get("enough"),
             enough_grace=header.get("enough_grace", 0.0),
-            fednova=self.cfg.strategy.fednova,
             step_caps={k: int(v) for k, v in header.get("step_caps", {}).items()},
             accumulator=self._accumulator(),
         )

@@ -114,7 +114,7 @@ def simulate(job: Job) -> dict[str, Any]:
     for number in range(1, job.rounds + 1):
         # the accumulator the aggregator builds from [strategy], in the aggregator's own Round
         acc = accumulator_for(sc, spec)
-        rnd = Round(number, number - 1, ids, math.inf, spec, fednova=sc.fednova, accumulator=acc)
+        rnd = Round(number, number - 1, ids, math.inf, spec, accumulator=acc)
         for i, (device_id, data) in enumerate(zip(ids, devices, strict=True)):
             set_weights(model, weights)
             train_local(

@@ -1,18 +1,62 @@
-"""The streaming weighted sum at the heart of a round.
+"""What a round folds its accepted updates into: the accumulator interface, and the streaming
+weighted sum at the heart of a round.
 
-Updates are folded in as they arrive: the aggregator holds one running sum the size of the
-model, whatever the number of devices. Two partial sums merge exactly (aggregation is a sum),
-which is what lets several ingest workers share a round.
+A round hands every accepted update to its accumulator as a :class:`Contribution` and asks it
+for the combined delta when it closes. Each aggregation rule is one implementation: the
+sample-weighted mean here, the robust rules in edgefl/robust.py, FedNova's normalisation around
+any of them in edgefl/strategies/fednova.py. The round knows none of them by name; a new rule
+(a staleness-weighted buffer, masked sums) is one more implementation.
+
+The weighted sum folds updates in as they arrive: the aggregator holds one running sum the size
+of the model, whatever the number of devices. Two partial sums merge exactly (aggregation is a
+sum), which is what lets several ingest workers share a round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 
-class WeightedSum:
+@dataclass(frozen=True)
+class Contribution:
+    """One accepted update, as an accumulator sees it."""
+
+    device_id: str
+    delta: Mapping[str, np.ndarray]
+    weight: float  # its number of samples
+    steps: float  # local SGD steps it ran, held to what its task allowed
+    base_version: int  # the model version it was trained from
+
+
+class Accumulator:
+    """The interface a round folds into. Implementations define ``add(delta, weight)``,
+    ``mean()`` (the rule's combined delta) and ``count``; they override :meth:`fold` if they
+    need more of the contribution than its delta and weight, and :meth:`figures` to report
+    something of their own in the round's metrics."""
+
+    count: int
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        raise NotImplementedError
+
+    def mean(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def fold(self, c: Contribution) -> None:
+        self.add(c.delta, c.weight)
+
+    def aggregate(self) -> dict[str, np.ndarray] | None:
+        """The round's combined delta, or None if nothing was folded in."""
+        return self.mean() if self.count else None
+
+    def figures(self) -> dict[str, float]:
+        return {}
+
+
+class WeightedSum(Accumulator):
     def __init__(self, spec: Mapping[str, tuple[int, ...]]) -> None:
         # float64 so that thousands of small contributions do not lose precision
         self._sum = {k: np.zeros(shape, dtype=np.float64) for k, shape in spec.items()}

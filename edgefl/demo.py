@@ -30,7 +30,6 @@ from typing import Any
 
 from edgefl.config import (
     AggregatorConfig,
-    BrokerConfig,
     DeviceConfig,
     RunConfig,
     to_dict,
@@ -464,7 +463,3 @@ def run_demo(cfg: RunConfig, run_dir: str | None = None, progress: bool = True) 
     if result.metrics.get("rounds"):
         print_summary(result)
     return result
-
-
-def broker_config_for(host: str, port: int, username: str, password: str) -> BrokerConfig:
-    return BrokerConfig(host=host, port=port, username=username, password=password)

@@ -71,13 +71,6 @@ def parity(path: str | Path, model: nn.Module, X: np.ndarray) -> float:
     return float(np.abs(onnx_logits(path, X) - predict_logits(model, X)).max())
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(sess.get_modelmeta().custom_metadata_map)
-
-
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     """An int8 variant of an exported model, made with ONNX Runtime's dynamic quantisation.
 

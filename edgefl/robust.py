@@ -1,7 +1,7 @@
 """Aggregation rules that a minority of faulty or hostile devices cannot steer.
 
-All share the interface of :class:`edgefl.aggregation.WeightedSum` (``add``, ``mean``,
-``count``), so a round folds updates in the same way whatever the rule:
+Each is an :class:`edgefl.aggregation.Accumulator`, so a round folds updates in the same way
+whatever the rule:
 
 - ``mean``: the sample-weighted mean (FedAvg; McMahan et al. 2017). Streaming: memory does not
   grow with the number of devices. One device can move it arbitrarily far.
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.aggregation import WeightedSum
+from edgefl.aggregation import Accumulator, WeightedSum
+from edgefl.strategies.fednova import Normalised
 
 METHODS = ("mean", "norm_clip", "screened_clip", "median", "trimmed_mean")
 
@@ -60,7 +61,7 @@ class ClippedSum(WeightedSum):
         super().add(delta, weight)
 
 
-class _Buffered:
+class _Buffered(Accumulator):
     """Keeps the round's deltas as one (devices x parameters) matrix per tensor."""
 
     def __init__(self, spec: Mapping[str, tuple[int, ...]]) -> None:
@@ -181,12 +182,14 @@ def make_accumulator(
     raise ValueError(f"unknown aggregation {method!r}; use one of {', '.join(METHODS)}")
 
 
-def accumulator_for(strategy: Any, spec: Mapping[str, tuple[int, ...]]):
-    """The accumulator that a ``[strategy]`` table (edgefl.config.StrategyConfig) asks for."""
-    return make_accumulator(
+def accumulator_for(strategy: Any, spec: Mapping[str, tuple[int, ...]]) -> Accumulator:
+    """The accumulator that a ``[strategy]`` table (edgefl.config.StrategyConfig) asks for:
+    its aggregation rule, within FedNova's normalisation if ``fednova`` is on."""
+    rule = make_accumulator(
         strategy.aggregation,
         spec,
         trim=strategy.trim_fraction,
         clip=strategy.clip_norm,
         clip_multiplier=strategy.clip_multiplier,
     )
+    return Normalised(rule) if strategy.fednova else rule

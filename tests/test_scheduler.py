@@ -217,7 +217,8 @@ def test_fednova_normalises_by_local_steps():
 
 
 def test_a_round_with_fednova_holds_claimed_steps_to_the_task():
-    rnd = Round(1, 0, ["a", "b"], time.time() + 5, SPEC, fednova=True, step_caps={"a": 4})
+    rnd = Round(1, 0, ["a", "b"], time.time() + 5, SPEC, step_caps={"a": 4},
+                accumulator=NormalisedSum(SPEC))
     ones = {k: np.ones(s, np.float32) for k, s in SPEC.items()}
     # "a" claims 0.001 steps to blow its delta up; it is held to at least 1 and at most 4
     rnd.offer(Update("a", 1, 0, 10, ones, {"steps": 0.001}), 100)

@@ -20,15 +20,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edgefl.aggregation import WeightedSum
+from edgefl.aggregation import Accumulator, Contribution, WeightedSum
 
 
-class Normalised:
+class Normalised(Accumulator):
     """FedNova around any accumulator of one round (the weighted mean, or a robust rule from
     edgefl/robust.py): deltas go in divided by their steps, and ``mean()`` scales the
     accumulator's aggregate back by tau_eff."""
 
-    def __init__(self, inner: WeightedSum) -> None:
+    def __init__(self, inner: Accumulator) -> None:
         self.inner = inner
         self.weight = 0.0
         self.weighted_steps = 0.0  # sum_i n_i tau_i
@@ -43,6 +43,12 @@ class Normalised:
         self.inner.add({k: np.asarray(v) / steps for k, v in delta.items()}, weight)
         self.weight += weight
         self.weighted_steps += weight * steps
+
+    def fold(self, c: Contribution) -> None:
+        self.add(c.delta, c.weight, c.steps)
+
+    def figures(self) -> dict[str, float]:
+        return {"effective_steps": self.effective_steps}
 
     @property
     def effective_steps(self) -> float:
