@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.edgefl-installed
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/b1.toml
 
-.PHONY: setup mosquitto demo test lint bench clean
+.PHONY: setup mosquitto demo test unit lint bench clean
 
 setup: mosquitto $(STAMP)
 
@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/edgefl demo --config $(CONFIG)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# the unit tests alone, in seconds: no broker, nothing slow
+unit: setup
+	$(BIN)/python -m pytest -q -m "not broker and not slow"
 
 lint: setup
 	$(BIN)/ruff check .

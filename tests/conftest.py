@@ -130,3 +130,12 @@ def make_fleet(broker: PrivateBroker, tmp_path: Path, digits) -> Iterator[Callab
 
 def finite(weights: dict[str, np.ndarray]) -> bool:
     return all(np.isfinite(w).all() for w in weights.values())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a private broker are marked ``broker`` (so that ``pytest -m "not broker
+    and not slow"`` runs the unit tests alone, in seconds); modules that start brokers or
+    processes of their own say so with ``pytestmark``."""
+    for item in items:
+        if {"broker", "make_fleet"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)

@@ -44,6 +44,8 @@ from broker import (
 from edgefl.config import BrokerConfig, ConfigError
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.broker
+
 FLEET = "testfleet"
 TIMEOUT = 5.0
 NOT_AUTHORIZED = 0x87

@@ -29,6 +29,8 @@ from edgefl.config import BrokerConfig, ConfigError
 from edgefl.mqtt import MqttLink
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.broker
+
 FLEET = "testfleet"
 TIMEOUT = 10.0
 BASE = dict(password_file="/p", acl_file="/a", persistence_location="/d", log_file="/l")

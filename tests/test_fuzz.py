@@ -24,6 +24,8 @@ from edgefl.config import AggregatorConfig, BrokerConfig
 from edgefl.messages import GlobalModel, Reply, Status, Task, Telemetry, Update, encode_update
 from tests.conftest import FLEET
 
+pytestmark = pytest.mark.slow
+
 TOPIC = f"edgefl/{FLEET}/devices/dev-a/update"
 FUZZ = settings(
     max_examples=1500,

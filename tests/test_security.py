@@ -19,6 +19,8 @@ from edgefl.config import BrokerConfig, DeviceConfig
 from edgefl.mqtt import BrokerUnavailable, MqttLink
 from tests.conftest import FLEET
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def tls_broker(tmp_path: Path):
