@@ -1,6 +1,6 @@
 """The aggregator service: tracks the fleet, runs rounds, keeps and publishes the global model.
 
-A round (ARCHITECTURE.md, synchronous mode):
+A round (docs/architecture.md, synchronous mode):
  1. pick participants among online devices with recent telemetry;
  2. publish the global model (retained) and one task per participant;
  3. fold each valid update into a running weighted sum as it arrives (network thread);
@@ -16,9 +16,8 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +26,24 @@ import numpy as np
 from aggregator import deploy
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
-from aggregator.enrolled import EnrolledDevices
-from aggregator.guard import Guard
+from aggregator.intake import Intake
+from aggregator.metrics import (
+    RoundMetrics,
+    read_history,
+    resource_metrics,
+    timeline,
+    union_length,
+)
 from aggregator.registry import DeviceRegistry
-from aggregator.rounds import Duplicate, NotParticipant, Round, RoundResult
+from aggregator.rounds import Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
 from edgefl import dynsec
 from edgefl.atomic import write_atomic
-from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     AggregatorStatus,
     Reply,
-    Status,
-    Telemetry,
-    decode_update,
-    is_reply,
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
@@ -57,49 +57,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.msgpack"
 OPEN_ROUND = "open-round.json"
 LEDGER_ROUNDS = 1000
-
-
-@dataclass
-class RoundMetrics:
-    round: int
-    model_version: int
-    participants: int
-    reported: int
-    closed_by: str
-    applied: bool
-    accuracy: float | None
-    loss: float | None
-    wall_s: float
-    train_s_max: float  # the slowest reporting device's training time
-    coordination_s: float  # wall time minus the slowest device's training time
-    uplink_bytes: int
-    downlink_bytes: int
-    samples: int
-    # where the time went: opening to the last accepted update, and closing (optimiser,
-    # evaluation, publishing the model, checkpoint)
-    last_update_s: float = 0.0
-    close_s: float = 0.0
-    # union of the devices' training intervals: the time at least one device was computing
-    compute_span_s: float = 0.0
-    timeline: dict[str, float] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    # resource-aware rounds (aggregator/scheduler.py): devices that replied instead of
-    # updating ("declined" / "late" / "superseded"), replacements (declined -> replacement),
-    # the time budget and each participant's workload, and who was left out and why
-    withdrawn: dict[str, str] = field(default_factory=dict)
-    replaced: dict[str, str] = field(default_factory=dict)
-    budget_s: float | None = None
-    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    left_out: dict[str, str] = field(default_factory=dict)
-    # energy estimate per device for this round's work (CPU time x its power model's watts,
-    # plus upload time x radio watts), their sum, and battery levels the devices reported
-    energy_j: float = 0.0
-    energy_by_device: dict[str, float] = field(default_factory=dict)
-    battery_pct: dict[str, float] = field(default_factory=dict)
-    effective_steps: float | None = None  # FedNova's tau_eff
-    # devices cut off at the broker for flooding or invalid messages (aggregator/guard.py)
-    quarantined: list[str] = field(default_factory=list)
 
 
 class Aggregator:
@@ -136,14 +93,21 @@ class Aggregator:
         self.on_round = on_round
         self.history: list[RoundMetrics] = []
         self.ledger: list[dict[str, Any]] = []
-        self.rejected: Counter[str] = Counter()  # updates, by reason
-        self.guard = Guard(cfg.quarantine, self._quarantine)
         self._round: Round | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
         self._stopping = threading.Event()
-        self.enrolled = EnrolledDevices(cfg.enrolled_devices)
-        self._strangers: set[str] = set()  # not enrolled, already logged once
+        self.intake = Intake(
+            cfg,
+            self.spec,
+            self.registry,
+            current_round=lambda: self._round,
+            on_reply=self._on_reply,
+            on_quarantine=self._quarantine,
+            on_change=self._on_intake,
+        )
+        # what operators and tests read most, by their short names
+        self.rejected, self.guard = self.intake.rejected, self.intake.guard
         self._resume()
         # a round that was open when the aggregator stopped is taken up again, before the link
         # connects: the broker then redelivers the updates that were not acknowledged yet
@@ -164,9 +128,10 @@ class Aggregator:
         self.rollout = deploy.Rollout(
             self.link, self.topics, self.registry, cfg.model.name, self.store, cfg.deploy
         )
-        self.link.subscribe(self.topics.all_devices("status"), self._on_status)
-        self.link.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry, qos=0)
-        self.link.subscribe(self.topics.all_devices("update"), self._on_update, defer_ack=True)
+        self.link.subscribe(self.topics.all_devices("status"), self.intake.status)
+        self.link.subscribe(self.topics.all_devices("telemetry"), self.intake.telemetry, qos=0)
+        # an update is acknowledged to the broker only once its round is checkpointed
+        self.link.subscribe(self.topics.all_devices("update"), self.intake.update, defer_ack=True)
         self.link.subscribe(dynsec.RESPONSE_TOPIC, self._on_dynsec_response, qos=0)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -363,14 +328,14 @@ class Aggregator:
             downlink_bytes=downlink,
             samples=result.samples,
             last_update_s=result.last_update_s,
-            compute_span_s=_union_length(
+            compute_span_s=union_length(
                 [(m["t_start"], m["t_end"]) for m in result.accepted.values() if "t_end" in m]
             ),
-            timeline=_timeline(result),
+            timeline=timeline(result),
             rejected=dict(result.rejected),
             missing=missing,
             quarantined=sorted(self.guard.quarantined),
-            **_resource_metrics(result, plan, self._replaced),
+            **resource_metrics(result, plan, self._replaced),
         )
         self.history.append(metrics)
         self.ledger.append(
@@ -453,17 +418,6 @@ class Aggregator:
         if reconnect and self.version > 0:
             self._publish_model()
 
-    def _device_of(self, topic: str) -> str | None:
-        parsed = self.topics.parse_device_topic(topic)
-        return parsed[0] if parsed else None
-
-    def _reject(self, device_id: str | None, reason: str, detail: str) -> None:
-        self.rejected[reason] += 1
-        rnd = self._round
-        if rnd is not None:
-            rnd.count_rejection(reason)
-        self.guard.reject(device_id, "update", reason, detail)
-
     def _quarantine(self, device_id: str, reason: str) -> None:
         """Cut ``device_id`` off at the broker (the guard decided; see aggregator/guard.py)."""
         self.link.publish(dynsec.CONTROL_TOPIC, dynsec.quarantine(device_id, reason), qos=1)
@@ -479,130 +433,17 @@ class Aggregator:
                 log.error("the broker's dynamic-security plugin refused %s: %s",
                           str(response.get("command"))[:40], str(error)[:200])
 
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        device_id = self._device_of(topic)
-        if device_id is None or not self.guard.admit(device_id):
-            return
-        if device_id not in self.enrolled:
-            self._stranger(device_id)
-            self.guard.reject(device_id, "status", "not_enrolled", "device is not enrolled")
-            return
-        if not payload:
-            return  # a retained status being cleared
-        try:
-            status = Status.from_payload(payload)
-        except WireError as e:
-            self.guard.reject(device_id, "status", e.reason, e.detail)
-            return
-        self.registry.on_status(device_id, status)
-        if status.state == "offline":
-            log.info("device %s is offline", device_id)
-            self._wake_round()
-
-    def _on_telemetry(self, topic: str, payload: bytes) -> None:
-        device_id = self._device_of(topic)
-        if device_id is None or not self.guard.admit(device_id):
-            return
-        if device_id not in self.enrolled:
-            self._stranger(device_id)
-            self.guard.reject(device_id, "telemetry", "not_enrolled", "device is not enrolled")
-            return
-        try:
-            telemetry = Telemetry.from_payload(payload)
-        except WireError as e:
-            self.guard.reject(device_id, "telemetry", e.reason, e.detail)
-            return
-        self.registry.on_telemetry(device_id, telemetry)
-
-    def _on_update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
-        device_id = self._device_of(topic)
-        if device_id is not None and not self.guard.admit(device_id):
-            ack()  # from a quarantined device: dropped unread
-            return
-        rnd = self._round
-        if self._fold(topic, payload, rnd):
-            rnd.hold_ack(ack)  # acknowledged once the round is checkpointed
-        else:
-            ack()  # rejected (and counted), or a reply: nothing to keep
-
-    def _fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
-        """Validate an update and fold it into ``rnd``; True if it was accepted."""
-        device_id = self._device_of(topic)
-        if device_id is None:
-            self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}")
-            return False
-        if device_id not in self.enrolled:
-            self._stranger(device_id)
-            self._reject(device_id, "not_enrolled", "device is not enrolled")
-            return False
-        if is_reply(payload):
-            self._on_reply(device_id, payload)
-            return False
-        try:
-            # with no round open it is still decoded: junk is invalid (and counts towards a
-            # quarantine) whether or not a round is open; a valid update is merely late
-            update = decode_update(
-                payload,
-                topic_device_id=device_id,
-                spec=self.spec,
-                expect_round=rnd.number if rnd else None,
-                expect_base=rnd.base_version if rnd else None,
-                max_bytes=self.cfg.limits.max_update_bytes,
-            )
-            if rnd is None:
-                self._reject(device_id, "no_round", "no round is open")
-                return False
-            biggest = max(float(np.abs(v).max(initial=0.0)) for v in update.delta.values())
-            if biggest > self.cfg.limits.max_delta_abs:
-                raise WireError(
-                    "magnitude", f"a value of {biggest:.3g} (limits.max_delta_abs is "
-                    f"{self.cfg.limits.max_delta_abs:g})"
-                )
-            rnd.offer(update, len(payload))
-        except WireError as e:
-            self._reject(device_id, e.reason, e.detail)
-            return False
-        except Duplicate:
-            self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in")
-            return False
-        except NotParticipant:
-            self._reject(device_id, "not_participant", f"not asked to work in round {rnd.number}")
-            return False
-        sent = rnd.sent_at.get(device_id)
-        energy = self.registry.on_work(
-            device_id,
-            update.metrics,
-            payload_bytes=len(payload),
-            turnaround_s=None if sent is None else time.time() - sent,
-        )
-        rnd.add_energy(device_id, energy)
+    def _on_intake(self) -> None:
+        """A device went offline or an update was accepted: the round may be able to close,
+        and operators see the progress."""
+        self._wake_round()
         self._publish_status()
-        return True
 
-    def _stranger(self, device_id: str) -> None:
-        if device_id not in self._strangers:
-            self._strangers.add(device_id)
-            log.warning("ignoring %s: not on the list of enrolled devices (%s)", device_id,
-                        self.enrolled.path)
-
-    def _on_reply(self, device_id: str, payload: bytes) -> None:
-        """A device says it sends no update for a task: declined, late, or superseded."""
-        try:
-            reply = Reply.from_payload(payload, topic_device_id=device_id)
-        except WireError as e:
-            self._reject(device_id, e.reason, e.detail)
-            return
-        # what the work cost counts, and tells its speed, even when the round is over
-        energy = self.registry.on_work(device_id, reply.metrics, completed=False)
-        rnd = self._round
-        if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):
-            log.debug("%s: %s for round %d: %s", device_id, reply.kind, reply.round, reply.reason)
-            return
-        rnd.add_energy(device_id, energy)
-        log.info("round %d: %s %s (%s)", rnd.number, device_id, reply.kind, reply.reason)
+    def _on_reply(self, rnd: Round, reply: Reply) -> None:
+        """A participant withdrew from ``rnd``; one that declined is replaced if time allows."""
         if reply.kind == "declined":
-            self.registry.on_declined(device_id, reply.reason)
-            self._replace(rnd, device_id)
+            self.registry.on_declined(reply.device_id, reply.reason)
+            self._replace(rnd, reply.device_id)
 
     def _replace(self, rnd: Round, declined: str) -> None:
         """Ask another eligible device to do the work a participant declined, if time allows."""
@@ -661,7 +502,7 @@ class Aggregator:
         self.registry.restore(state.get("registry", []))
         self.rejected.update(state.get("rejected", {}))
         self.ledger = list(state.get("ledger", []))
-        self.history = _read_history(self.state_dir / "rounds.jsonl", self.next_round)
+        self.history = read_history(self.state_dir / "rounds.jsonl", self.next_round)
         log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
 
     def export(self) -> dict[str, Any]:
@@ -685,72 +526,3 @@ class Aggregator:
 
 def _write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj))
-
-
-def _read_history(path: Path, next_round: int) -> list[RoundMetrics]:
-    """The metrics of the rounds before a restart, from rounds.jsonl."""
-    out: list[RoundMetrics] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    known = {f.name for f in fields(RoundMetrics)}
-    for line in lines:
-        try:
-            m = json.loads(line)
-            if m["round"] < next_round:
-                out.append(RoundMetrics(**{k: v for k, v in m.items() if k in known}))
-        except (ValueError, KeyError, TypeError):
-            continue
-    # a round taken up again after a restart is recorded once: the last record wins
-    by_round = {m.round: m for m in out}
-    return [by_round[r] for r in sorted(by_round)]
-
-
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -float("inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
-def _resource_metrics(
-    result: RoundResult, plan: Plan | None, replaced: dict[str, str]
-) -> dict[str, Any]:
-    """The round's figures from aggregator/scheduler.py's plan and the devices' replies."""
-    workloads = {}
-    for device_id, w in (plan.workloads if plan else {}).items():
-        workloads[device_id] = {
-            "steps": w.steps,
-            "batch_size": w.batch_size,
-            "codec": w.codec.get("name"),
-            "predicted_s": w.predicted_s,
-            "probe": w.probe,
-        }
-    return {
-        "withdrawn": dict(result.withdrawn),
-        "replaced": dict(replaced),
-        "budget_s": plan.budget_s if plan else None,
-        "workloads": workloads,
-        "left_out": dict(plan.left_out) if plan else {},
-        "energy_j": sum(result.energy_j.values()),
-        "energy_by_device": dict(result.energy_j),
-        "battery_pct": {
-            d: m["battery_pct"] for d, m in result.accepted.items() if "battery_pct" in m
-        },
-        "effective_steps": result.effective_steps,
-    }
-
-
-def _timeline(result: RoundResult) -> dict[str, float]:
-    """When, after the round opened, tasks arrived and training started and ended (seconds)."""
-    out: dict[str, float] = {}
-    for key in ("t_task", "t_start", "t_end"):
-        times = [m[key] - result.opened_at for m in result.accepted.values() if key in m]
-        if times:
-            out[f"{key[2:]}_first"] = min(times)
-            out[f"{key[2:]}_last"] = max(times)
-    return out

@@ -1,1 +1,1 @@
-"""Benchmarks of BENCHMARKS.md; each runs with `python -m benchmarks.<name>`."""
+"""Benchmarks of docs/benchmarks.md; each runs with `python -m benchmarks.<name>`."""

@@ -1,4 +1,4 @@
-"""B1 of BENCHMARKS.md: digits, Dirichlet(0.5) over 20 devices, MLP 64-128-10, 30 rounds.
+"""B1 of docs/benchmarks.md: digits, Dirichlet(0.5) over 20 devices, MLP 64-128-10, 30 rounds.
 
 Every run goes through the real programs over a private Mosquitto on loopback: the aggregator
 process, the device agents in their processes (each with its own MQTT connection) and one agent

@@ -1,4 +1,4 @@
-"""B2 of BENCHMARKS.md: B1 with each update codec, dense fp32 as the baseline in the same run.
+"""B2 of docs/benchmarks.md: B1 with each update codec, dense fp32 as the baseline in the same run.
 
 Every run is B1 through the real programs over a private Mosquitto (edgefl.demo.run_local, as
 B1): 20 device agents with their own MQTT connections, the aggregator, 30 rounds of FedAvg. Only

@@ -1,4 +1,4 @@
-"""B3 of BENCHMARKS.md: B1 on a heterogeneous fleet, uniform workloads against the scheduler.
+"""B3 of docs/benchmarks.md: B1 on a heterogeneous fleet, uniform workloads against the scheduler.
 
 The fleet of configs/b3.toml: 20 simulated devices, compute 1x, 2x, 4x and 8x slower (five
 each), batteries between 10 and 100 % (some charging, some on mains), some links at 500 or

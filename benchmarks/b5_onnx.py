@@ -1,4 +1,4 @@
-"""B5 of BENCHMARKS.md: deploying the B1 global model as ONNX.
+"""B5 of docs/benchmarks.md: deploying the B1 global model as ONNX.
 
 1. B1 runs end to end over MQTT (edgefl.demo.run_local); its aggregator exports the final model
    (fp32 checked against PyTorch on the test split, and int8) and rolls it out to the 20 devices.

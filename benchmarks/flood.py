@@ -1,4 +1,4 @@
-"""The flood of BENCHMARKS.md: one hostile device against its neighbours.
+"""The flood of docs/benchmarks.md: one hostile device against its neighbours.
 
 A fleet of real agents and the aggregator, started as ``edgefl demo`` starts them (private
 Mosquitto from broker/'s configuration, ``edgefl aggregator`` and ``edgefl device`` processes,

@@ -1,7 +1,7 @@
 """Robust aggregation on B1 with a hostile fifth of the fleet: every rule of edgefl/robust.py
 against sign-flipped and scaled updates.
 
-B1 of BENCHMARKS.md (digits, Dirichlet(0.5) over 20 devices with partition seed 0, MLP
+B1 of docs/benchmarks.md (digits, Dirichlet(0.5) over 20 devices with partition seed 0, MLP
 64-128-10, SGD lr 0.1, batch 32, 5 local epochs, all devices every round, 30 rounds) simulated
 in one process, without MQTT: this measures the aggregation rules, not the network, which
 tests/test_byzantine.py covers end to end over the broker. Each round goes through the

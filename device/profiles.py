@@ -11,7 +11,7 @@ Two kinds, one interface, chosen by the ``[profile]`` table of the device's conf
   the extra compute time, and for payload bytes / bandwidth before an upload), so round times,
   deadlines and stragglers in a simulated fleet are real; only the battery is a model.
 
-Both estimate energy with the same power model (ARCHITECTURE.md leaves it to the profile):
+Both estimate energy with the same power model (docs/architecture.md leaves it to the profile):
 
     energy_j = cpu_s * compute_w + upload_s * radio_w
 

@@ -114,7 +114,7 @@ class CodecConfig:
 
 @dataclass
 class RoundsConfig:
-    """Synchronous rounds, as ARCHITECTURE.md describes them."""
+    """Synchronous rounds, as docs/architecture.md describes them."""
 
     rounds: int = 30
     # Participants per round; 0 means every eligible online device.

@@ -1,7 +1,7 @@
 """Data: scikit-learn's bundled digits, partitioners that spread it over a fleet, and the loader a
 device uses for the data it holds (an ``.npz`` file with ``X`` and ``y``).
 
-The B1 protocol of BENCHMARKS.md: digits / 16, stratified 80/20 split with ``random_state=0``,
+The B1 protocol of docs/benchmarks.md: digits / 16, stratified 80/20 split with ``random_state=0``,
 Dirichlet label skew with alpha 0.5 over 20 devices, seed 0, at least 10 samples per device.
 """
 

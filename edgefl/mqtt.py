@@ -4,7 +4,7 @@
   while we were away are delivered when we come back.
 - Reconnects by itself, with backoff, after losing the broker; subscriptions are renewed on every
   (re)connect, which also covers a broker that restarted without its persistence file.
-- A Last Will, for the birth/death scheme of ARCHITECTURE.md.
+- A Last Will, for the birth/death scheme of docs/architecture.md.
 - Handlers run in the network thread; an exception in one is logged and counted, never allowed to
   stop the connection: what arrives over MQTT is untrusted and may trip anything.
 - Counts payload bytes published and received, per topic kind, for the benchmarks.

@@ -1,4 +1,4 @@
-"""The MQTT topic namespace of ARCHITECTURE.md, in one place.
+"""The MQTT topic namespace of docs/architecture.md, in one place.
 
 edgefl/{fleet}/devices/{id}/status      device -> all         QoS 1, retained (birth, Will)
 edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0

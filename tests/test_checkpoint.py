@@ -108,7 +108,7 @@ def _round(agg: Aggregator, number: int) -> dict[str, np.ndarray]:
         payload = encode_update(
             Update(device_id, number, agg.version, 40 + 20 * i, delta, metrics), DenseCodec()
         )
-        assert agg._fold(f"edgefl/test/devices/{device_id}/update", payload, rnd)
+        assert agg.intake.fold(f"edgefl/test/devices/{device_id}/update", payload, rnd)
     mean = rnd.aggregate()
     assert agg._wait_and_close(rnd, time.perf_counter(), 0, None).applied
     agg.checkpointer.wait_flushed()

@@ -74,16 +74,21 @@ def valid(agg: Aggregator, tmp_path_factory) -> list[bytes]:
 
 
 def _fold(agg: Aggregator, payload: bytes) -> tuple[bool, Round]:
+    """Fold ``payload`` into a fresh round: accepted and counted once with finite values within
+    the magnitude limit, or rejected, counted under a reason, and the round untouched."""
     rnd = Round(1, 0, ["dev-a"], time.time() + 60, agg.spec)
-    before = {k: v.copy() for k, v in agg.weights.items()}
-    accepted = agg._fold(TOPIC, payload, rnd)
-    for k in before:  # the global model never moves during intake
-        assert np.array_equal(agg.weights[k], before[k])
+    rejected = sum(agg.rejected.values())
+    accepted = agg.intake.fold(TOPIC, payload, rnd)
     if accepted:
-        assert rnd.sum.count == 1
-        assert all(np.isfinite(v).all() for v in rnd.sum.mean().values())
+        assert rnd.sum.count == 1 and list(rnd.accepted) == ["dev-a"]
+        combined = rnd.aggregate()
+        assert combined is not None and set(combined) == set(agg.spec)
+        limit = agg.cfg.limits.max_delta_abs
+        assert all(np.isfinite(v).all() and np.abs(v).max() <= limit for v in combined.values())
+        assert sum(agg.rejected.values()) == rejected
     else:
         assert rnd.sum.count == 0 and not rnd.accepted
+        assert sum(agg.rejected.values()) == rejected + 1
     return accepted, rnd
 
 
@@ -128,8 +133,8 @@ def test_mutated_updates_never_escape_validation(agg, valid, data) -> None:
     )
 )
 def test_status_and_telemetry_paths_never_raise(agg, payload) -> None:
-    agg._on_status(f"edgefl/{FLEET}/devices/dev-a/status", payload)
-    agg._on_telemetry(f"edgefl/{FLEET}/devices/dev-a/telemetry", payload)
+    agg.intake.status(f"edgefl/{FLEET}/devices/dev-a/status", payload)
+    agg.intake.telemetry(f"edgefl/{FLEET}/devices/dev-a/telemetry", payload)
 
 
 # -- every handler, then a checkpoint: nothing a device says may make the state unsavable -------
@@ -173,9 +178,9 @@ def test_every_handler_then_a_checkpoint(agg, data) -> None:
     except ValueError:
         return
     devices = f"edgefl/{FLEET}/devices/dev-a/"
-    agg._on_status(devices + "status", payloads[0])
-    agg._on_telemetry(devices + "telemetry", payloads[1])
-    agg._on_update(devices + "update", payloads[2], lambda: None)
+    agg.intake.status(devices + "status", payloads[0])
+    agg.intake.telemetry(devices + "telemetry", payloads[1])
+    agg.intake.update(devices + "update", payloads[2], lambda: None)
     agg._checkpoint()  # raises if anything stored cannot be encoded
     rec = agg.registry.get("dev-a")
     if rec is not None:
@@ -187,7 +192,7 @@ def test_the_reported_birth_is_rejected_and_counted(agg) -> None:
     """The attack that once stopped training: an integer beyond 64 bits in the capabilities."""
     before = agg.guard.rejected["status/malformed"]
     birth = {"v": 1, "state": "online", "capabilities": {"samples": 10**30}}
-    agg._on_status(f"edgefl/{FLEET}/devices/dev-z/status", json.dumps(birth).encode())
+    agg.intake.status(f"edgefl/{FLEET}/devices/dev-z/status", json.dumps(birth).encode())
     assert agg.guard.rejected["status/malformed"] == before + 1
     assert agg.registry.get("dev-z") is None
     agg._checkpoint()
@@ -226,7 +231,7 @@ def test_a_round_that_would_make_the_model_non_finite_is_discarded(tmp_path, cap
     agg = Aggregator(cfg)
     before = {k: v.copy() for k, v in agg.weights.items()}
     rnd = Round(1, 0, ["dev-a"], time.time() + 60, agg.spec)
-    assert agg._fold(TOPIC, _update(agg, 1e38), rnd)
+    assert agg.intake.fold(TOPIC, _update(agg, 1e38), rnd)
     with caplog.at_level(logging.ERROR, logger="aggregator.service"):
         metrics = agg._wait_and_close(rnd, time.perf_counter(), 0, None)
     assert metrics.reported == 1 and not metrics.applied

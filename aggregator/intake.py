@@ -1,0 +1,209 @@
+"""Everything devices send, from MQTT payload to the registry or the open round.
+
+One forward path per kind of message, run in the network thread:
+
+- status and telemetry: admitted by the guard (aggregator/guard.py), checked against the
+  enrolled list, decoded and validated (edgefl/messages.py), then kept by the registry;
+- an update: admitted, enrolled, decoded against the model and the open round, held to
+  ``limits.max_delta_abs``, folded into the round's accumulator exactly once
+  (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the
+  disk; anything else is acknowledged at once;
+- a reply (a device that sends no update: declined, late, superseded) shares the update topic
+  and is handed to the round lifecycle, which may ask another device to step in.
+
+Every refusal has a reason, is counted by kind and reason, and reaches the guard, which logs it
+(rate-limited) and quarantines a device that floods or keeps sending invalid messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from aggregator.enrolled import EnrolledDevices
+from aggregator.guard import Guard
+from aggregator.registry import DeviceRegistry
+from aggregator.rounds import Duplicate, NotParticipant, Round
+from edgefl.compression import ModelSpec, WireError
+from edgefl.config import AggregatorConfig
+from edgefl.messages import Reply, Status, Telemetry, decode_update, is_reply
+from edgefl.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        cfg: AggregatorConfig,
+        spec: ModelSpec,
+        registry: DeviceRegistry,
+        *,
+        current_round: Callable[[], Round | None],
+        on_reply: Callable[[Round, Reply], None],
+        on_quarantine: Callable[[str, str], None],
+        on_change: Callable[[], None],
+    ) -> None:
+        """``current_round`` gives the open round (or None); ``on_reply`` takes a reply that
+        withdrew a participant from it; ``on_quarantine`` cuts a device off at the broker;
+        ``on_change`` is told when a device went offline or an update was accepted."""
+        self.cfg = cfg
+        self.spec = spec
+        self.registry = registry
+        self.topics = Topics(cfg.fleet)
+        self._current_round = current_round
+        self._on_reply = on_reply
+        self._on_change = on_change
+        self.enrolled = EnrolledDevices(cfg.enrolled_devices)
+        self.guard = Guard(cfg.quarantine, on_quarantine)
+        self.rejected: Counter[str] = Counter()  # updates and replies, by reason
+        self._strangers: set[str] = set()  # not enrolled, already logged once
+
+    def _device_of(self, topic: str) -> str | None:
+        parsed = self.topics.parse_device_topic(topic)
+        return parsed[0] if parsed else None
+
+    def _admitted(self, topic: str, kind: str) -> str | None:
+        """The device a message comes from, if it may be read further."""
+        device_id = self._device_of(topic)
+        if device_id is None or not self.guard.admit(device_id):
+            return None
+        if device_id not in self.enrolled:
+            self._stranger(device_id)
+            self.guard.reject(device_id, kind, "not_enrolled", "device is not enrolled")
+            return None
+        return device_id
+
+    # -- status and telemetry -----------------------------------------------------------------
+
+    def status(self, topic: str, payload: bytes) -> None:
+        device_id = self._admitted(topic, "status")
+        if device_id is None or not payload:  # an empty payload clears a retained status
+            return
+        try:
+            status = Status.from_payload(payload)
+        except WireError as e:
+            self.guard.reject(device_id, "status", e.reason, e.detail)
+            return
+        self.registry.on_status(device_id, status)
+        if status.state == "offline":
+            log.info("device %s is offline", device_id)
+            self._on_change()
+
+    def telemetry(self, topic: str, payload: bytes) -> None:
+        device_id = self._admitted(topic, "telemetry")
+        if device_id is None:
+            return
+        try:
+            telemetry = Telemetry.from_payload(payload)
+        except WireError as e:
+            self.guard.reject(device_id, "telemetry", e.reason, e.detail)
+            return
+        self.registry.on_telemetry(device_id, telemetry)
+
+    # -- updates and replies --------------------------------------------------------------------
+
+    def update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        """An update (or reply) as MQTT delivers it, with the acknowledgement to send when it
+        is safe: at once unless it was folded in, else once its round is checkpointed."""
+        device_id = self._device_of(topic)
+        if device_id is not None and not self.guard.admit(device_id):
+            ack()  # from a quarantined device: dropped unread
+            return
+        rnd = self._current_round()
+        if self.fold(topic, payload, rnd):
+            assert rnd is not None
+            rnd.hold_ack(ack)
+        else:
+            ack()  # rejected (and counted), or a reply: nothing to keep
+
+    def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
+        """Validate an update and fold it into ``rnd``; True if it was accepted."""
+        device_id = self._device_of(topic)
+        if device_id is None:
+            self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}", rnd)
+            return False
+        if device_id not in self.enrolled:
+            self._stranger(device_id)
+            self._reject(device_id, "not_enrolled", "device is not enrolled", rnd)
+            return False
+        if is_reply(payload):
+            self._reply(device_id, payload, rnd)
+            return False
+        limits = self.cfg.limits
+        try:
+            # with no round open it is still decoded: junk is invalid (and counts towards a
+            # quarantine) whether or not a round is open; a valid update is merely late
+            update = decode_update(
+                payload,
+                topic_device_id=device_id,
+                spec=self.spec,
+                expect_round=rnd.number if rnd else None,
+                expect_base=rnd.base_version if rnd else None,
+                max_bytes=limits.max_update_bytes,
+            )
+            if rnd is None:
+                self._reject(device_id, "no_round", "no round is open", rnd)
+                return False
+            biggest = max(float(np.abs(v).max(initial=0.0)) for v in update.delta.values())
+            if biggest > limits.max_delta_abs:
+                raise WireError(
+                    "magnitude",
+                    f"a value of {biggest:.3g} (limits.max_delta_abs is {limits.max_delta_abs:g})",
+                )
+            rnd.offer(update, len(payload))
+        except WireError as e:
+            self._reject(device_id, e.reason, e.detail, rnd)
+            return False
+        except Duplicate:
+            assert rnd is not None
+            self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in",
+                         rnd)
+            return False
+        except NotParticipant:
+            assert rnd is not None
+            self._reject(device_id, "not_participant",
+                         f"not asked to work in round {rnd.number}", rnd)
+            return False
+        sent = rnd.sent_at.get(device_id)
+        energy = self.registry.on_work(
+            device_id,
+            update.metrics,
+            payload_bytes=len(payload),
+            turnaround_s=None if sent is None else time.time() - sent,
+        )
+        rnd.add_energy(device_id, energy)
+        self._on_change()
+        return True
+
+    def _reply(self, device_id: str, payload: bytes, rnd: Round | None) -> None:
+        """A device says it sends no update for a task: declined, late, or superseded."""
+        try:
+            reply = Reply.from_payload(payload, topic_device_id=device_id)
+        except WireError as e:
+            self._reject(device_id, e.reason, e.detail, rnd)
+            return
+        # what the work cost counts, and tells its speed, even when the round is over
+        energy = self.registry.on_work(device_id, reply.metrics, completed=False)
+        if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):
+            log.debug("%s: %s for round %d: %s", device_id, reply.kind, reply.round, reply.reason)
+            return
+        rnd.add_energy(device_id, energy)
+        log.info("round %d: %s %s (%s)", rnd.number, device_id, reply.kind, reply.reason)
+        self._on_reply(rnd, reply)
+
+    def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Round | None) -> None:
+        self.rejected[reason] += 1
+        if rnd is not None:
+            rnd.count_rejection(reason)
+        self.guard.reject(device_id, "update", reason, detail)
+
+    def _stranger(self, device_id: str) -> None:
+        if device_id not in self._strangers:
+            self._strangers.add(device_id)
+            log.warning("ignoring %s: not on the list of enrolled devices (%s)", device_id,
+                        self.enrolled.path)

@@ -1,0 +1,125 @@
+"""What a round's close reports: :class:`RoundMetrics`, one line of ``rounds.jsonl`` each, and
+the figures derived from a round's result (where the time went, energy, workloads)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aggregator.rounds import RoundResult
+from aggregator.scheduler import Plan
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    model_version: int
+    participants: int
+    reported: int
+    closed_by: str
+    applied: bool
+    accuracy: float | None
+    loss: float | None
+    wall_s: float
+    train_s_max: float  # the slowest reporting device's training time
+    coordination_s: float  # wall time minus the slowest device's training time
+    uplink_bytes: int
+    downlink_bytes: int
+    samples: int
+    # where the time went: opening to the last accepted update, and closing (optimiser,
+    # evaluation, publishing the model, checkpoint)
+    last_update_s: float = 0.0
+    close_s: float = 0.0
+    # union of the devices' training intervals: the time at least one device was computing
+    compute_span_s: float = 0.0
+    timeline: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    # resource-aware rounds (aggregator/scheduler.py): devices that replied instead of
+    # updating ("declined" / "late" / "superseded"), replacements (declined -> replacement),
+    # the time budget and each participant's workload, and who was left out and why
+    withdrawn: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)
+    budget_s: float | None = None
+    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    # energy estimate per device for this round's work (CPU time x its power model's watts,
+    # plus upload time x radio watts), their sum, and battery levels the devices reported
+    energy_j: float = 0.0
+    energy_by_device: dict[str, float] = field(default_factory=dict)
+    battery_pct: dict[str, float] = field(default_factory=dict)
+    effective_steps: float | None = None  # FedNova's tau_eff
+    # devices cut off at the broker for flooding or invalid messages (aggregator/guard.py)
+    quarantined: list[str] = field(default_factory=list)
+
+
+
+def read_history(path: Path, next_round: int) -> list[RoundMetrics]:
+    """The metrics of the rounds before a restart, from rounds.jsonl."""
+    out: list[RoundMetrics] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    known = {f.name for f in fields(RoundMetrics)}
+    for line in lines:
+        try:
+            m = json.loads(line)
+            if m["round"] < next_round:
+                out.append(RoundMetrics(**{k: v for k, v in m.items() if k in known}))
+        except (ValueError, KeyError, TypeError):
+            continue
+    # a round taken up again after a restart is recorded once: the last record wins
+    by_round = {m.round: m for m in out}
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def resource_metrics(
+    result: RoundResult, plan: Plan | None, replaced: dict[str, str]
+) -> dict[str, Any]:
+    """The round's figures from aggregator/scheduler.py's plan and the devices' replies."""
+    workloads = {}
+    for device_id, w in (plan.workloads if plan else {}).items():
+        workloads[device_id] = {
+            "steps": w.steps,
+            "batch_size": w.batch_size,
+            "codec": w.codec.get("name"),
+            "predicted_s": w.predicted_s,
+            "probe": w.probe,
+        }
+    return {
+        "withdrawn": dict(result.withdrawn),
+        "replaced": dict(replaced),
+        "budget_s": plan.budget_s if plan else None,
+        "workloads": workloads,
+        "left_out": dict(plan.left_out) if plan else {},
+        "energy_j": sum(result.energy_j.values()),
+        "energy_by_device": dict(result.energy_j),
+        "battery_pct": {
+            d: m["battery_pct"] for d, m in result.accepted.items() if "battery_pct" in m
+        },
+        "effective_steps": result.effective_steps,
+    }
+
+
+def timeline(result: RoundResult) -> dict[str, float]:
+    """When, after the round opened, tasks arrived and training started and ended (seconds)."""
+    out: dict[str, float] = {}
+    for key in ("t_task", "t_start", "t_end"):
+        times = [m[key] - result.opened_at for m in result.accepted.values() if key in m]
+        if times:
+            out[f"{key[2:]}_first"] = min(times)
+            out[f"{key[2:]}_last"] = max(times)
+    return out
