@@ -35,6 +35,10 @@ class RoundMetrics:
     # union of the devices' training intervals: the time at least one device was computing
     compute_span_s: float = 0.0
     timeline: dict[str, float] = field(default_factory=dict)
+    # the aggregator's own time, phase by phase (seconds): planning and sending tasks; from the
+    # last accepted update to waking up; combining, optimiser, evaluation, metrics, checkpoint,
+    # publishing the model and the status
+    phases: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     # resource-aware rounds (aggregator/scheduler.py): devices that replied instead of

@@ -63,7 +63,8 @@ class Round:
         self.participants = list(participants)
         self.deadline = deadline  # unix time
         self.opened_at = time.time()
-        self._opened = time.perf_counter()
+        self.started_at = self._opened = time.perf_counter()
+        self.opening: dict[str, float] = {}  # seconds the aggregator took to plan and send tasks
         self.last_update_s = 0.0  # from opening to the last accepted update
         # what accepted updates are folded into (edgefl/aggregation.py; the sample-weighted mean
         # by default). The steps a device claims are held to what its task allowed (step_caps),

@@ -182,6 +182,7 @@ class Aggregator:
         if self._reopened is not None:
             return self._finish_reopened(started)
         plan = self.scheduler.plan(number, self.version)
+        planned = time.perf_counter()
         if plan is None:
             log.warning("round %d: no eligible device online; waiting", number)
             self.registry.wait_for(lambda _records: bool(self.scheduler.eligible()), 5.0)
@@ -209,7 +210,7 @@ class Aggregator:
             self.link.publish(self.topics.task(device_id), payload, qos=1)
             downlink += len(payload) + self.broadcast.bytes_per_device
         self._publish_status(force=True)
-
+        rnd.opening = {"plan": planned - started, "tasks": time.perf_counter() - planned}
         return self._wait_and_close(rnd, started, downlink, plan)
 
     def _wait_and_close(
@@ -217,11 +218,15 @@ class Aggregator:
     ) -> RoundMetrics:
         grace = self.cfg.rounds.offline_grace_s
         closed_by = rnd.wait(lambda d: self.registry.may_return(d, grace))
-        self._closing_at = time.perf_counter()
+        self._closing_at = self._phase_at = time.perf_counter()
+        # the round's opening, then from the last accepted update to the round loop waking up
+        self._phases = dict(rnd.opening)
+        self._phases["wake"] = self._closing_at - rnd.started_at - rnd.last_update_s
         with self._round_lock:
             self._round = None
         result = rnd.result(closed_by)
         mean = rnd.aggregate()
+        self._phase("aggregate")
         metrics = self._close(result, mean, started, downlink, plan)
         # the broker may forget the round's updates once its checkpoint is on the disk: after a
         # power cut the broker redelivers them to a model that never had them
@@ -259,6 +264,12 @@ class Aggregator:
         self._publish_status(force=True)
         return self._wait_and_close(rnd, started, 0, None)
 
+    def _phase(self, name: str) -> None:
+        """Close the current phase of the round's close: seconds since the previous mark."""
+        now = time.perf_counter()
+        self._phases[name] = now - self._phase_at
+        self._phase_at = now
+
     def _accumulator(self):
         return accumulator_for(self.cfg.strategy, self.spec)
 
@@ -286,6 +297,7 @@ class Aggregator:
                 or (d not in result.withdrawn and result.closed_by != "enough")
             ]
         )
+        self._phase("bookkeeping")
         stepped = self.strategy.step(self.weights, mean) if applied else None
         if stepped is not None and not all(np.isfinite(w).all() for w in stepped.values()):
             # the last line of defence: never publish a model that holds NaN or Inf
@@ -306,9 +318,11 @@ class Aggregator:
                 need,
                 self.version,
             )
+        self._phase("optimiser")
         loss = acc = None
         if self.eval_data is not None:
             loss, acc = evaluate(self.model, self.eval_data)
+        self._phase("evaluate")
         self.next_round = result.number + 1
         train_s = [m.get("train_s", 0.0) for m in result.accepted.values()]
         wall = time.perf_counter() - started  # provisional; final at the end
@@ -343,15 +357,20 @@ class Aggregator:
         )
         # checkpoint first, publish second: a crash in between must not leave devices holding
         # a model that a restarted aggregator knows nothing of
+        self._phase("metrics")
         self._checkpoint()
+        self._phase("checkpoint")
         if applied:
             self._publish_model()
+        self._phase("publish_model")
         every = self.cfg.deploy.export_every
         if every and applied and result.number % every == 0:
             self.export()
         self._publish_status(force=True, accuracy=acc)
         if self.on_round is not None:
             self.on_round(metrics)
+        self._phase("status")
+        metrics.phases = self._phases
         # everything up to here counts towards the round's time
         metrics.close_s = time.perf_counter() - self._closing_at
         metrics.wall_s = time.perf_counter() - started
@@ -375,7 +394,7 @@ class Aggregator:
     def _publish_model(self) -> None:
         self.broadcast.publish(self.weights, self.version, self.next_round - 1)
 
-    _closing_at = 0.0
+    _closing_at = _phase_at = 0.0
 
     def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
         rnd = self._round

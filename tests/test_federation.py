@@ -34,6 +34,13 @@ def test_small_federated_run_learns(make_fleet) -> None:
     assert history[-1].accuracy > history[0].accuracy
     assert finite(agg.weights)
     assert sum(a.stats.updates_sent for a in fleet.agents.values()) == 20
+    # where the aggregator's own time went, phase by phase, within each round's wall time
+    phases = ["plan", "tasks", "wake", "aggregate", "bookkeeping", "optimiser", "evaluate",
+              "metrics", "checkpoint", "publish_model", "status"]
+    for m in history:
+        assert list(m.phases) == phases
+        assert all(v >= 0 for v in m.phases.values())
+        assert sum(m.phases.values()) <= m.wall_s
 
 
 def _retained_status(broker: PrivateBroker, device_id: str) -> Status:
