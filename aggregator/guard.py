@@ -101,7 +101,7 @@ class Guard:
             reason = (
                 f"sent more than {self.cfg.burst} messages above {self.cfg.rate_per_s:g} per second"
             )
-        self._quarantine(device_id, reason)
+        self.quarantine(device_id, reason)
         return False
 
     def reject(self, device_id: str | None, kind: str, reason: str, detail: str) -> None:
@@ -136,9 +136,10 @@ class Guard:
                         f"(the last: {reason})"
                     )
         if quarantine is not None:
-            self._quarantine(device_id, quarantine)
+            self.quarantine(device_id, quarantine)
 
-    def _quarantine(self, device_id: str, reason: str) -> None:
+    def quarantine(self, device_id: str, reason: str) -> None:
+        """Cut ``device_id`` off now (and drop what is still queued from it for ``hold_s``)."""
         with self._lock:
             if device_id in self._held:
                 return

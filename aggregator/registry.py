@@ -189,8 +189,10 @@ class DeviceRegistry:
         with self._lock:
             rec = self._get(device_id)
             self._telemetry(rec, telemetry)
-            if not rec.online and rec.offline_reason == "silent":
-                # it was only quiet; a device whose Will fired comes back with a birth
+            if not rec.online and rec.offline_reason in ("silent", "quarantined"):
+                # it was only quiet, or an operator let it back in at the broker (its birth may
+                # have come while the guard still dropped its messages); a device whose Will
+                # fired comes back with a birth
                 rec.online, rec.offline_reason = True, ""
                 log.info("device %s speaks again", device_id)
             self.changed.notify_all()

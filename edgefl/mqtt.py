@@ -297,12 +297,11 @@ class MqttLink:
         if reason_code.is_failure:
             self._refused = str(reason_code)
             log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
-            if reason_code.value in (
-                0x86,
-                0x87,
-                0x8C,
-            ):  # bad credentials / not authorised / bad auth
-                # retrying with the same credentials cannot succeed; stop hammering the broker
+            # bad credentials / not authorised / bad auth: at start-up, retrying with the same
+            # credentials cannot succeed, so stop hammering the broker. Refused after we were
+            # in, it is a quarantine (edgefl/dynsec.py) or a changed account: keep trying, with
+            # paho's backoff (up to 30 s), so that a device an operator re-admits comes back
+            if reason_code.value in (0x86, 0x87, 0x8C) and self.connects == 0:
                 threading.Thread(target=client.disconnect, daemon=True).start()
             return
         self.connects += 1

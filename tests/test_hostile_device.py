@@ -170,3 +170,24 @@ def test_a_device_sending_invalid_updates_is_quarantined(make_fleet) -> None:
         c.loop_stop()
         assert agg.guard.rejected["update/malformed"] == limit + 1
         assert agg.rejected["malformed"] == limit + 1
+
+
+def test_a_device_quarantined_by_mistake_comes_back_once_readmitted(make_fleet) -> None:
+    fleet = make_fleet(devices=1)
+    agent = fleet.start_agent(0)
+    cfg = fleet.aggregator_config()
+    cfg.quarantine.hold_s = 1.0
+    agg = fleet.aggregator(cfg)
+    admin = fleet.broker.broker_config(fleet.broker.admin)
+    with agg:
+        agg.guard.quarantine("dev-0", "an operator's test")
+        wait_until(lambda: not agent.link.connected.is_set(), what="the broker to cut it off")
+        assert not agg.registry.is_online("dev-0")
+        assert "dev-0" in dynsec.quarantined(dynsec.send(admin, dynsec.list_clients())[0])
+        dynsec.send(admin, dynsec.readmit("dev-0"))
+        # the agent kept trying, with backoff, and is let in again; once the guard's hold is
+        # over, what it sends puts it back in the fleet
+        wait_until(lambda: agent.link.connects == 2, timeout=40, what="the agent to reconnect")
+        wait_until(lambda: agg.registry.is_online("dev-0"), what="it to count as online again")
+        assert "dev-0" not in agg.guard.quarantined
+        assert [m.reported for m in agg.run(rounds=1)] == [1]
