@@ -325,21 +325,25 @@ class Watch:
     def __init__(self, broker: BrokerConfig) -> None:
         self.topics = Topics(FLEET)
         self.status: dict[str, Status] = {}
+        self.received: dict[str, float] = {}  # when each device's status came (perf_counter)
         self.replies: list[Reply] = []
         self.link = MqttLink("pi-check-monitor", broker, clean_start=True)
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:  # an empty retained message clears the topic
-            self.status[topic.split("/")[-2]] = Status.from_payload(payload)
+            device_id = topic.split("/")[-2]
+            self.status[device_id] = Status.from_payload(payload)
+            self.received[device_id] = time.perf_counter()
 
     def wait(self, device_id: str, check, timeout: float, what: str) -> float:
-        """Wait until the device's status passes ``check``; returns when (time.perf_counter())."""
+        """Wait until the device's status passes ``check``; returns when that status came
+        (time.perf_counter())."""
         started = time.perf_counter()
         while time.perf_counter() - started < timeout:
             s = self.status.get(device_id)
             if s is not None and check(s):
-                return time.perf_counter()
+                return self.received[device_id]
             time.sleep(0.1)
         raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {device_id}: {what}")
 
