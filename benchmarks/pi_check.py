@@ -20,7 +20,7 @@ namespace (unshare -m). The root file system and the wheelhouse are cached in
 /var/cache/edgefl-pi-check (EDGEFL_PI_CACHE), so a second run starts at step 3.
 
 It prints its figures and ends with one JSON line; benchmarks/results/pi_check.{md,json} keep
-them.
+them. `--reuse-install` keeps the last run's installs and their figures (for work on step 4).
 """
 
 from __future__ import annotations
@@ -134,10 +134,11 @@ def register_qemu() -> None:
         sys.exit("pi-check: cannot register qemu-aarch64 with binfmt_misc on this machine")
 
 
-def build_rootfs() -> None:
+def build_rootfs() -> float | None:
+    """Build the root file system unless it is cached; returns the seconds it took, if built."""
     if ROOTFS.exists():
         say(f"root file system: {ROOTFS} (cached)")
-        return
+        return None
     partial = ROOTFS.with_name(ROOTFS.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     say(f"building an arm64 bookworm root file system in {ROOTFS} (a few minutes, once)")
@@ -154,7 +155,9 @@ def build_rootfs() -> None:
         ]
     )
     partial.rename(ROOTFS)
-    say(f"root file system built in {time.perf_counter() - started:.0f} s")
+    took = time.perf_counter() - started
+    say(f"root file system built in {took:.0f} s")
+    return took
 
 
 def torch_range() -> str:
@@ -326,7 +329,6 @@ class Watch:
         self.topics = Topics(FLEET)
         self.status: dict[str, Status] = {}
         self.received: dict[str, float] = {}  # when each device's status came (perf_counter)
-        self.replies: list[Reply] = []
         self.link = MqttLink("pi-check-monitor", broker, clean_start=True)
         self.link.subscribe(self.topics.all_devices("status"), self._on_status)
 
@@ -598,7 +600,7 @@ def main() -> int:
     try:
         host_tools()
         register_qemu()
-        build_rootfs()
+        rootfs_s = build_rootfs()
         pins = fill_wheelhouse()
         logs = Path(tempfile.mkdtemp(prefix="edgefl-pi-check-"))
         logs.chmod(0o755)  # Mosquitto runs as its own user and writes its files below
@@ -634,6 +636,7 @@ def main() -> int:
         **{k: v for k, v in fleet.items() if k not in ("rounds_completed", "serving")},
         "pins": pins,
         "logs": str(logs),
+        "rootfs_build_s": None if rootfs_s is None else round(rootfs_s),
         "total_s": round(time.perf_counter() - started),
     }
     ok = (
@@ -673,6 +676,8 @@ def report(r: dict[str, Any]) -> str:
         ("ONNX model served (devices serving)", f"v{r['model_version']} ({r['devices_serving']})"),
         ("serve-only: left out as", r["left_out"].get("pi-serve", "-")),
         ("serve-only: a task sent to it", r["serve_only_declined"] or "-"),
+        ("root file system (s to build; - = cached)", r["rootfs_build_s"]),
+        ("whole check (s)", r["total_s"]),
         ("passed", r["passed"]),
     ]
     return (

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from aggregator.scheduler import SERVE_ONLY
 from device.inference import LocalModels
 from edgefl.config import to_dict, to_toml
@@ -21,6 +23,8 @@ from edgefl.mqtt import MqttLink
 from tests.conftest import FLEET, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.broker
 
 # `edgefl device` with torch made impossible to import, as on a device that never installed it
 WITHOUT_TORCH = """
