@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.edgefl-installed
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/b1.toml
 
-.PHONY: setup mosquitto demo test lint bench pi-check clean
+.PHONY: setup mosquitto demo test lint bench clean
 
 setup: mosquitto $(STAMP)
 
@@ -38,6 +38,7 @@ bench: setup
 
 # A release check, not part of `make test` (minutes; root): device/install.sh and the agent on
 # an emulated Raspberry Pi (arm64 Debian under qemu-user). See benchmarks/pi_check.py.
+.PHONY: pi-check
 pi-check: setup
 	$(BIN)/python -m benchmarks.pi_check
 
