@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgefl-installed
-# The CPU build of torch that installs from this machine's disk; pyproject.toml keeps a range
-# so that a Raspberry Pi takes its own aarch64 wheel.
+# The CPU build of torch that installs from this machine's disk; pyproject.toml's [train] extra
+# keeps a range, and on aarch64 (a Raspberry Pi) a narrower one, of CPU-only wheels.
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/b1.toml
 
@@ -39,6 +39,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.b1_digits
+
+# A release check, not part of `make test` (minutes; root): device/install.sh and the agent on
+# an emulated Raspberry Pi (arm64 Debian under qemu-user). See benchmarks/pi_check.py.
+.PHONY: pi-check
+pi-check: setup
+	$(BIN)/python -m benchmarks.pi_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

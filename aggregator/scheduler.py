@@ -57,6 +57,8 @@ from edgefl.training import local_steps, samples_for_steps
 log = logging.getLogger(__name__)
 
 WORKLOADS = ("uniform", "adaptive")
+# why a device whose birth says ``trains: false`` (it has no torch) gets no task
+SERVE_ONLY = "serve-only (no torch)"
 
 
 @dataclass
@@ -132,11 +134,17 @@ class Scheduler:
 
     # -- eligibility ------------------------------------------------------------------------------
 
-    def _candidates(self) -> list[DeviceRecord]:
+    def _candidates(self, left_out: dict[str, str] | None = None) -> list[DeviceRecord]:
+        """The online devices that can train now; ``left_out`` collects the serve-only ones."""
         rc = self.cfg.rounds
         self.registry.sweep(rc.telemetry_max_age_s)
         out = []
         for r in self.registry.online(rc.telemetry_max_age_s):
+            if not r.capabilities.get("trains", True):
+                # a device without torch (device/agent.py) serves the deployed model only
+                if left_out is not None:
+                    left_out[r.device_id] = SERVE_ONLY
+                continue
             if r.on_battery() and r.battery_pct < rc.battery_floor_pct:
                 log.debug("%s: battery %.1f%% is under the floor", r.device_id, r.battery_pct)
                 continue
@@ -162,12 +170,17 @@ class Scheduler:
 
     def plan(self, number: int, base_version: int) -> Plan | None:
         """The round's participants and their tasks, or None if no device can take part."""
-        candidates = self._candidates()
+        serve_only: dict[str, str] = {}
+        candidates = self._candidates(serve_only)
         if not candidates:
             return None
         if self.cfg.schedule.workload == "adaptive":
-            return self._plan_adaptive(number, base_version, candidates)
-        return self._plan_uniform(number, base_version, candidates)
+            plan = self._plan_adaptive(number, base_version, candidates)
+        else:
+            plan = self._plan_uniform(number, base_version, candidates)
+        if plan is not None:
+            plan.left_out.update(serve_only)
+        return plan
 
     def _plan_uniform(self, number: int, base_version: int, records: list[DeviceRecord]) -> Plan:
         rc, tc = self.cfg.rounds, self.cfg.train

@@ -10,6 +10,10 @@ Everything the agent receives is checked before use; a bad message is logged and
 agent never blocks its network thread: training runs on an executor, so telemetry and
 keep-alives go on while it works. Several agents can share one process (and one executor), each
 with its own MQTT connection and state: that is how the local launcher simulates a fleet.
+
+A device without torch (a serve-only install, see device/install.sh) runs the same agent: it
+serves the deployed ONNX model, says ``trains: false`` in its birth so that the scheduler leaves
+it out, and declines any task it is sent. torch is imported only where training needs it.
 """
 
 from __future__ import annotations
@@ -47,13 +51,29 @@ from edgefl.models import build_model, get_weights, model_info, model_spec, set_
 from edgefl.mqtt import MqttLink, Will
 from edgefl.telemetry import capabilities
 from edgefl.topics import Topics
-from edgefl.training import local_steps, samples_for_steps, train_local
 
 log = logging.getLogger(__name__)
 
 # how long to wait for an update's PUBACK to time the uplink; a link slower than this for one
 # update gives no sample (and the scheduler will have given up on it anyway)
 UPLOAD_WATCH_S = 600.0
+
+
+def missing_torch() -> str | None:
+    """Why this device cannot train (torch does not import), or None if it can."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        return f"serve-only device: torch is not installed ({e})"
+    return None
+
+
+def set_torch_threads(threads: int) -> None:
+    """The threads torch trains with; a serve-only device has no torch to set."""
+    if missing_torch() is None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -88,8 +108,11 @@ class DeviceAgent:
                 cfg.data, features=int(np.prod(info.input_shape)), classes=info.num_classes
             )
         )
-        self.model = build_model(cfg.model.name)
-        self.spec = model_spec(self.model)
+        # None: it can train; else why not. A serve-only device holds no torch model and
+        # follows no global model (ModelSync below): it only serves the deployed one.
+        self.cannot_train = missing_torch()
+        self.model = build_model(cfg.model.name) if self.cannot_train is None else None
+        self.spec = model_spec(self.model) if self.model is not None else {}
         self.global_model: GlobalModel | None = None
         self.stats = AgentStats()
         self._lock = threading.Lock()
@@ -124,15 +147,19 @@ class DeviceAgent:
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
         self.link.subscribe(self.topics.task(self.id), self._on_task)
         # the global model: in full from model/global, or as deltas from model/delta
-        self.sync = ModelSync(
-            self.link,
-            self.topics,
-            self.spec,
-            cfg.model.name,
-            self.id,
-            held=lambda: self.global_model,
-            adopt=self._on_model,
-            reject=self.stats.reject,
+        self.sync = (
+            ModelSync(
+                self.link,
+                self.topics,
+                self.spec,
+                cfg.model.name,
+                self.id,
+                held=lambda: self.global_model,
+                adopt=self._on_model,
+                reject=self.stats.reject,
+            )
+            if self.model is not None
+            else None
         )
         # the deployed ONNX model: fetched, verified, served, reported in the status
         self.deployment = DeploymentClient(
@@ -205,6 +232,7 @@ class DeviceAgent:
                 "samples": len(self.data),
                 "model": self.cfg.model.name,
                 "codecs": sorted(CODECS),
+                "trains": self.cannot_train is None,
             }
             | self.hardware.capabilities()  # the power model, for the scheduler's estimates
         )
@@ -264,14 +292,20 @@ class DeviceAgent:
                 log.info("%s: task for round %d arrived after its deadline", self.id, task.round)
                 return
             self._seen_tasks.append(key)
-            # newer work supersedes whatever is still in progress (its round has closed)
-            self._latest_task = key
-            self._cancel.set()
-            if task.base_version != self.model_version:
-                self._pending = task  # the model it builds on is on its way
-                want = task.base_version
-            else:
+            if self.sync is None:  # it cannot train: no model to wait for, no work to stop
                 want = None
+            else:
+                # newer work supersedes whatever is still in progress (its round has closed)
+                self._latest_task = key
+                self._cancel.set()
+                if task.base_version != self.model_version:
+                    self._pending = task  # the model it builds on is on its way
+                    want = task.base_version
+                else:
+                    want = None
+        if self.cannot_train is not None:
+            self._reply(task, "declined", self.cannot_train)
+            return
         if want is not None:
             self.sync.want(want)
             return
@@ -306,6 +340,8 @@ class DeviceAgent:
         if refusal is not None:
             self._reply(task, "declined", refusal)
             return
+        from edgefl.training import train_local
+
         self._busy.set()
         started_at = time.time()
         try:
@@ -378,6 +414,8 @@ class DeviceAgent:
         never lets work take its battery under its floor, or further under it. Charging counts
         by the net drain: a simulated device knows its charging power, and work that draws
         more than that drains it too; a real device on its charger counts as not draining."""
+        from edgefl.training import local_steps, samples_for_steps
+
         pct, charging = self.hardware.battery()
         if pct is None:
             return None

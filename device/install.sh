@@ -1,12 +1,14 @@
 #!/bin/sh
 # Install edgefl on a Raspberry Pi OS / Debian machine and run it as a systemd service.
 #
-#   sudo sh device/install.sh [--aggregator] [SOURCE]   install, or upgrade in place
-#   sudo sh device/install.sh --uninstall [--purge]     remove
+#   sudo sh device/install.sh [--aggregator | --serve-only] [SOURCE]   install, or upgrade
+#   sudo sh device/install.sh --uninstall [--purge]                    remove
 #
 # SOURCE is an edgefl checkout (default: the one this script lives in) or a wheel
-# (edgefl-*.whl). Without --aggregator this sets up the device agent (edgefl-device.service);
-# with it, the aggregator service (edgefl-aggregator.service) and its extras (onnx, matplotlib).
+# (edgefl-*.whl). Without an option this sets up the device agent (edgefl-device.service) with
+# a CPU-only torch, to train; with --serve-only the same agent without torch: it serves the
+# deployed ONNX model (ONNX Runtime, numpy, paho-mqtt) in a far smaller venv, and declines
+# training. With --aggregator: the aggregator service (edgefl-aggregator.service) and its extras.
 # Safe to run again: it upgrades edgefl, restarts a running service, and never touches a
 # configuration file that exists already.
 #
@@ -23,9 +25,12 @@
 #
 # Environment:
 #   TORCH_SPEC     pip arguments that install torch, used as given. Default: the range that
-#                  pyproject.toml allows from PyPI, which has CPU wheels for aarch64; on x86_64
-#                  the CPU-only build from https://download.pytorch.org/whl/cpu instead, since
-#                  PyPI's x86_64 torch pulls gigabytes of CUDA libraries. Examples:
+#                  pyproject.toml allows for the machine. On aarch64 that is torch 2.10 from
+#                  PyPI, the newest CPU-only aarch64 wheel there (2.11 and later pull gigabytes
+#                  of CUDA libraries); on x86_64 the CPU-only build from
+#                  https://download.pytorch.org/whl/cpu, since PyPI's x86_64 torch pulls CUDA
+#                  too. Before downloading, the install lists what pip would fetch, and it
+#                  stops if that default would bring CUDA packages. Examples:
 #                    TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cpu'
 #                    TORCH_SPEC=/media/usb/torch-2.5.1-cp311-cp311-linux_aarch64.whl
 #                  Set it empty to let pip choose torch together with edgefl's other packages.
@@ -39,8 +44,9 @@
 #                  For packaging tests, and for trying the installer out.
 set -eu
 
-# The torch range of pyproject.toml (tests/test_packaging.py keeps the two the same).
+# The torch ranges of pyproject.toml's [train] extra (tests/test_packaging.py keeps them the same).
 TORCH_RANGE='torch>=2.2,<2.14'
+TORCH_RANGE_AARCH64='torch>=2.2,<2.11'
 TORCH_CPU_INDEX='https://download.pytorch.org/whl/cpu'
 USER_NAME=edgefl
 
@@ -59,12 +65,14 @@ usage() {
 
 all_args=$*
 role=device
+serve_only=no
 action=install
 purge=no
 source_arg=
 while [ $# -gt 0 ]; do
     case "$1" in
         --aggregator) role=aggregator ;;
+        --serve-only) serve_only=yes ;;
         --uninstall) action=uninstall ;;
         --purge) action=uninstall; purge=yes ;;
         -h | --help) usage; exit 0 ;;
@@ -78,6 +86,9 @@ while [ $# -gt 0 ]; do
 done
 
 here=$(cd "$(dirname "$0")" && pwd)
+if [ "$serve_only" = yes ] && [ "$role" = aggregator ]; then
+    die "--serve-only is for a device; the aggregator needs torch"
+fi
 
 prefix=${EDGEFL_PREFIX:-}
 if [ -n "$prefix" ]; then
@@ -194,7 +205,9 @@ case "$machine/$bits" in
     *) arch=$machine ;;
 esac
 
-if [ "${TORCH_SPEC+set}" = set ]; then
+if [ "$serve_only" = yes ]; then
+    torch_args=
+elif [ "${TORCH_SPEC+set}" = set ]; then
     torch_args=$TORCH_SPEC
 elif [ "$arch" = x86_64 ]; then
     torch_args="$TORCH_RANGE --index-url $TORCH_CPU_INDEX"
@@ -202,6 +215,8 @@ elif [ "$arch" = arm32 ]; then
     die "this is a 32-bit ARM system ($machine, $bits-bit Python). PyPI has no torch or" \
         "onnxruntime wheels for it: install the 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2)," \
         "or set TORCH_SPEC to a torch wheel you built for it."
+elif [ "$arch" = aarch64 ]; then
+    torch_args=$TORCH_RANGE_AARCH64
 else
     torch_args=$TORCH_RANGE
 fi
@@ -248,9 +263,20 @@ venv_pip_install() {
 }
 
 if [ -n "$torch_args" ]; then
-    say "installing torch: pip install $torch_args"
+    # torch is the big download: say what it brings before fetching it
+    # shellcheck disable=SC2086  # TORCH_SPEC is a list of arguments
+    plan=$(venv_pip_install --dry-run $torch_args) || die "pip cannot install $torch_args"
+    fetch=$(printf '%s\n' "$plan" | sed -n 's/^Would install //p')
+    say "pip install $torch_args will install: ${fetch:-nothing new}"
+    if [ "${TORCH_SPEC+set}" != set ] && printf '%s\n' "$fetch" | grep -Eq '(^| )(nvidia-|triton-)'; then
+        die "the default torch for $arch would bring CUDA packages, which a device cannot use;" \
+            "set TORCH_SPEC to a CPU-only torch"
+    fi
+    say "installing torch"
     # shellcheck disable=SC2086  # TORCH_SPEC is a list of arguments
     venv_pip_install $torch_args
+elif [ "$serve_only" = yes ]; then
+    say "serve-only: no torch; the agent serves the deployed model and declines training"
 fi
 
 # pip builds a checkout inside it (build/, edgefl.egg-info/); as root that would leave
@@ -268,9 +294,12 @@ shutil.copytree(sys.argv[1], sys.argv[2], ignore=skip)
 else
     package=$source_path
 fi
-extras=
 if [ "$role" = aggregator ]; then
     extras='[aggregator]'
+elif [ "$serve_only" = yes ]; then
+    extras=
+else
+    extras='[train]'
 fi
 say "installing edgefl$extras from $source_path"
 # --upgrade replaces an installed edgefl of the same version too; the default upgrade strategy

@@ -79,12 +79,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_device(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
-    from device.agent import DeviceAgent
+    from device.agent import DeviceAgent, set_torch_threads
 
     configs = [load(DeviceConfig, path) for path in args.config]
-    torch.set_num_threads(configs[0].torch_threads)
+    set_torch_threads(configs[0].torch_threads)
     stop = _until_signal()
     # one executor for all agents of this process: each agent trains when its task comes, and
     # they may all be asked at once

@@ -3,16 +3,21 @@
 Models output logits; the loss (cross-entropy) applies the softmax, and so does whoever wants
 probabilities at inference. Keeping softmax out of the graph keeps the ONNX export and the int8
 variant simple.
+
+The catalogue (:func:`model_info`) imports no torch: a serve-only device, which has no torch,
+reads its model's input shape and classes from it. Only building and copying weights need torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class ModelInfo:
 
 def _mlp(inputs: int, hidden: int, classes: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        from torch import nn
+
         return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     return build
@@ -47,6 +54,8 @@ def model_info(name: str) -> ModelInfo:
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:
     """A fresh model; with ``seed`` its initial weights are reproducible."""
+    import torch
+
     info = model_info(name)
     if seed is None:
         return info.build()
@@ -72,6 +81,8 @@ def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
 
     A plain copy per tensor: ``load_state_dict`` does the same with several times the
     overhead, which a device pays every round."""
+    import torch
+
     state = model.state_dict(keep_vars=True)
     if set(state) != set(weights):
         raise ValueError(f"weights for {sorted(weights)}, the model has {sorted(state)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 
 from edgefl.config import AggregatorConfig, DeviceConfig, from_dict, load
 
@@ -196,12 +197,48 @@ def test_shipped_files_are_package_data() -> None:
         assert any(fnmatch.fnmatch(path.name, g) for g in package_data.get(package, [])), path
 
 
-def test_install_sh_torch_range_matches_pyproject() -> None:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (torch_req,) = [d for d in deps if re.match(r"torch\b", d)]
-    match = re.search(r"^TORCH_RANGE='([^']*)'$", INSTALL_SH.read_text(), re.M)
-    assert match, "TORCH_RANGE not found in install.sh"
-    assert match[1].replace(" ", "") == torch_req.replace(" ", "")
+def torch_requirement(machine: str) -> Requirement:
+    """The torch that ``pip install "edgefl[train]"`` asks for on a ``machine`` (uname -m)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = {"platform_machine": machine, "extra": "train"}
+    found = [
+        r
+        for r in map(Requirement, project["optional-dependencies"]["train"])
+        if r.name == "torch" and (r.marker is None or r.marker.evaluate(env))
+    ]
+    assert len(found) == 1, (machine, found)
+    return found[0]
+
+
+def test_a_serve_only_install_has_no_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {Requirement(d).name for d in project["dependencies"]}
+    assert "torch" not in names
+    assert {"numpy", "onnxruntime", "paho-mqtt"} <= names
+
+
+@pytest.mark.parametrize(
+    ("machine", "variable"), [("x86_64", "TORCH_RANGE"), ("aarch64", "TORCH_RANGE_AARCH64")]
+)
+def test_install_sh_torch_range_matches_pyproject(machine: str, variable: str) -> None:
+    match = re.search(rf"^{variable}='([^']*)'$", INSTALL_SH.read_text(), re.M)
+    assert match, f"{variable} not found in install.sh"
+    assert Requirement(match[1]).specifier == torch_requirement(machine).specifier
+
+
+def test_aarch64_torch_range_stops_before_the_cuda_builds() -> None:
+    # PyPI's aarch64 torch 2.11 and later depend on nvidia-* (CUDA) packages; 2.10.0 is CPU-only
+    spec = torch_requirement("aarch64").specifier
+    assert "2.10.0" in spec and "2.11.0" not in spec
+    # the Makefile's torch for this machine stays in the other range
+    assert "2.13.0" in torch_requirement("x86_64").specifier
+
+
+def test_install_rejects_serve_only_for_the_aggregator(tmp_path: Path) -> None:
+    result = run_install(tmp_path / "root", "--aggregator", "--serve-only")
+    assert result.returncode != 0
+    assert "--serve-only is for a device" in result.stderr
+    assert not (tmp_path / "root").exists()
 
 
 def test_install_sh_syntax() -> None:

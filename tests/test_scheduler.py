@@ -20,7 +20,7 @@ import torch
 
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Round
-from aggregator.scheduler import Scheduler, training_memory_bytes
+from aggregator.scheduler import SERVE_ONLY, Scheduler, training_memory_bytes
 from benchmarks.b3_fleet import floor_violations
 from device.agent import DeviceAgent
 from device.profiles import Hardware, SimulatedHardware, make_hardware
@@ -277,6 +277,7 @@ def _device(
     power: PowerModel = POWER,
     mem_mb: float = 100.0,
     charge_w: float | None = None,
+    trains: bool | None = None,
 ) -> None:
     reading = Telemetry(
         cpu_percent=1.0,
@@ -289,6 +290,8 @@ def _device(
     caps: dict = {"power": dataclasses.asdict(power)}
     if charge_w is not None:
         caps["charge_w"] = charge_w
+    if trains is not None:
+        caps["trains"] = trains
     reg.on_status(device_id, Status("online", capabilities=caps, telemetry=reading))
     if sps is not None:
         reg.on_work(device_id, {"samples_seen": sps * 2, "train_s": 2.0})
@@ -301,6 +304,25 @@ def _scheduler(reg: DeviceRegistry, spec=SPEC, **schedule) -> Scheduler:
         target = cfg.rounds if hasattr(cfg.rounds, k) else cfg.schedule
         setattr(target, k, v)
     return Scheduler(cfg, reg, spec)
+
+
+@pytest.mark.parametrize("workload", ["uniform", "adaptive"])
+def test_a_serve_only_device_is_left_out_and_says_why(workload):
+    reg = DeviceRegistry()
+    _device(reg, "trains", sps=500.0)
+    _device(reg, "says-it-trains", sps=500.0, trains=True)
+    _device(reg, "serves", sps=500.0, trains=False)  # no torch on it (device/agent.py)
+    scheduler = _scheduler(reg, workload=workload, budget_s=1.0)
+    plan = scheduler.plan(1, 0)
+    assert plan.participants == ["says-it-trains", "trains"]
+    assert set(plan.tasks) == {"says-it-trains", "trains"}
+    assert plan.left_out == {"serves": SERVE_ONLY}
+    assert "serves" not in scheduler.eligible()
+    assert scheduler.replacement(1, 0, time.time() + 60, {"trains", "says-it-trains"}) is None
+    # a fleet of serve-only devices has no round to run
+    only = DeviceRegistry()
+    _device(only, "serves", trains=False)
+    assert _scheduler(only, workload=workload).plan(1, 0) is None
 
 
 def test_adaptive_workloads_fit_the_budget_and_follow_speed():
