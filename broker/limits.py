@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefl.chunking import CHUNK_OVERHEAD
-from edgefl.config import DeployConfig
+from edgefl.config import ConfigError, DeployConfig
+from edgefl.models import model_info
 
 # the envelope around a dense model or update: tensor names, shapes, version, SHA-256, metrics
 ENVELOPE_BYTES = 2048
@@ -21,7 +22,6 @@ ENVELOPE_BYTES = 2048
 PACKET_OVERHEAD = 512
 MARGIN = 1.25
 MIN_QUEUE_BYTES = 64 << 20
-PARAMS_MLP_DIGITS = 64 * 128 + 128 + 128 * 10 + 10
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,13 @@ def limits_for_params(
 def limits_for_model(
     model: str, chunk_bytes: int = DeployConfig.chunk_bytes, fleet_devices: int = 1000
 ) -> BrokerLimits:
-    """The limits for the fleet's model (by name, as in the ``[model]`` table)."""
-    from edgefl.models import build_model, num_parameters  # torch: only when asked by name
+    """The limits for the fleet's model (by name, as in the ``[model]`` table); ConfigError for
+    a name edgefl does not know."""
+    try:
+        info = model_info(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return limits_for_params(info.parameters, chunk_bytes, fleet_devices)
 
-    return limits_for_params(num_parameters(build_model(model)), chunk_bytes, fleet_devices)
 
-
-DEFAULT_LIMITS = limits_for_params(PARAMS_MLP_DIGITS)
+DEFAULT_LIMITS = limits_for_model("mlp_digits")

@@ -26,22 +26,26 @@ class ModelInfo:
     input_shape: tuple[int, ...]  # one sample, without the batch axis
     num_classes: int
     build: Callable[[], nn.Module]
+    # float32 parameters: what a dense update or model weighs (the broker's packet limit
+    # follows from it, on a host that may have no torch)
+    parameters: int
 
 
-def _mlp(inputs: int, hidden: int, classes: int) -> Callable[[], nn.Module]:
+def _mlp(name: str, inputs: int, hidden: int, classes: int) -> ModelInfo:
     def build() -> nn.Module:
         from torch import nn
 
         return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
-    return build
+    parameters = inputs * hidden + hidden + hidden * classes + classes
+    return ModelInfo(name, (inputs,), classes, build, parameters)
 
 
 MODELS: dict[str, ModelInfo] = {
     # B1: digits are 8x8 = 64 features
-    "mlp_digits": ModelInfo("mlp_digits", (64,), 10, _mlp(64, 128, 10)),
+    "mlp_digits": _mlp("mlp_digits", 64, 128, 10),
     # 28x28 images (MNIST-shaped data a user brings)
-    "mlp_mnist": ModelInfo("mlp_mnist", (784,), 10, _mlp(784, 128, 10)),
+    "mlp_mnist": _mlp("mlp_mnist", 784, 128, 10),
 }
 
 

@@ -25,7 +25,7 @@ from aggregator.deploy import rollback_command
 from device.http import serve_http
 from device.inference import InferenceServer, LocalModels
 from edgefl import onnx_export
-from edgefl.models import ModelInfo, set_weights
+from edgefl.models import ModelInfo, num_parameters, set_weights
 from edgefl.mqtt import MqttLink
 from edgefl.onnx_export import onnx_logits
 from tests.conftest import FLEET, wait_until
@@ -128,7 +128,7 @@ def test_chunks_follow_the_brokers_packet_limit(make_fleet, broker, digits) -> N
         assert agg.link.max_packet_size == limit  # learnt from the broker's CONNACK
         # a model whose ONNX file is more than twice the broker's packet limit
         wide = nn.Sequential(nn.Linear(64, 8192), nn.ReLU(), nn.Linear(8192, 10))
-        info = ModelInfo("mlp_digits", (64,), 10, lambda: wide)
+        info = ModelInfo("mlp_digits", (64,), 10, lambda: wide, num_parameters(wide))
         exported = deploy.export(
             wide, info, agg.store, version=1, round_=0, accuracy=None, eval_data=test, int8=False
         )

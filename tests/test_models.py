@@ -237,3 +237,9 @@ def test_centralised_b1_mlp_reaches_the_reference_accuracy(split):
     loss, acc = evaluate(model, test)
     assert acc > 0.95, acc
     assert loss < 0.2, loss
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_catalogue_knows_each_models_size_without_torch(name: str) -> None:
+    # the broker's packet limit is derived from it on hosts that have no torch
+    assert model_info(name).parameters == num_parameters(build_model(name))
