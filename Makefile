@@ -36,6 +36,7 @@ unit: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python -m benchmarks.b1_digits

@@ -61,7 +61,7 @@ def export(
     int8: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` into the store as fp32 (and int8) ONNX and check it against PyTorch."""
-    from edgefl.onnx_export import export_onnx, onnx_logits, parity, quantize_int8
+    from aggregator.onnx_export import export_onnx, onnx_logits, parity, quantize_int8
 
     metadata = {
         "edgefl_model": info.name,

@@ -22,7 +22,7 @@ from typing import Any
 
 from aggregator.service import Aggregator
 from edgefl.config import AggregatorConfig
-from edgefl.telemetry import peak_rss_mb
+from edgefl.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgefl.aggregation import Accumulator, Contribution, WeightedSum
+from aggregator.aggregation import Accumulator, Contribution, WeightedSum
 from edgefl.compression import ModelSpec
 from edgefl.messages import Update
 
@@ -66,7 +66,7 @@ class Round:
         self.started_at = self._opened = time.perf_counter()
         self.opening: dict[str, float] = {}  # seconds the aggregator took to plan and send tasks
         self.last_update_s = 0.0  # from opening to the last accepted update
-        # what accepted updates are folded into (edgefl/aggregation.py; the sample-weighted mean
+        # what accepted updates are folded into (aggregator/aggregation.py; the sample-weighted mean
         # by default). The steps a device claims are held to what its task allowed (step_caps),
         # so that no one can inflate its weight under FedNova by claiming fewer
         self.sum: Accumulator = accumulator if accumulator is not None else WeightedSum(spec)

@@ -35,8 +35,10 @@ from aggregator.metrics import (
     union_length,
 )
 from aggregator.registry import DeviceRegistry
+from aggregator.robust import accumulator_for
 from aggregator.rounds import Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
+from aggregator.strategies import make_strategy
 from edgefl import dynsec
 from edgefl.atomic import write_atomic
 from edgefl.config import AggregatorConfig
@@ -47,8 +49,6 @@ from edgefl.messages import (
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
-from edgefl.robust import accumulator_for
-from edgefl.strategies import make_strategy
 from edgefl.topics import Topics
 from edgefl.training import evaluate
 

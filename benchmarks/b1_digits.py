@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.common import median, table, write_results
 from edgefl.config import RunConfig, load
-from edgefl.demo import run_local
+from launch.local import run_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
 

@@ -1,6 +1,6 @@
 """B2 of docs/benchmarks.md: B1 with each update codec, dense fp32 as the baseline in the same run.
 
-Every run is B1 through the real programs over a private Mosquitto (edgefl.demo.run_local, as
+Every run is B1 through the real programs over a private Mosquitto (launch.local.run_local, as
 B1): 20 device agents with their own MQTT connections, the aggregator, 30 rounds of FedAvg. Only
 the ``[codec]`` table changes between runs. Each codec runs once per seed; seed ``s`` sets both
 ``seed`` (the initial model) and ``data.seed`` (the Dirichlet partition over the devices).
@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.common import median, table, write_results
 from edgefl.config import RunConfig, load
-from edgefl.demo import run_local
+from launch.local import run_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
 BASELINE = "dense_fp32"

@@ -3,7 +3,7 @@
 The fleet of configs/b3.toml: 20 simulated devices, compute 1x, 2x, 4x and 8x slower (five
 each), batteries between 10 and 100 % (some charging, some on mains), some links at 500 or
 1,000 kbit/s; slowness and links take real wall time. Every run goes through the real programs
-over a private Mosquitto (edgefl.demo.run_local), one MQTT connection per device.
+over a private Mosquitto (launch.local.run_local), one MQTT connection per device.
 
 - uniform: every device gets the B1 workload (5 epochs, dense fp32) every round and the round
   waits up to the deadline (2 s) for it, as edgefl did before the scheduler: no battery floor on
@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.common import median, table, write_results
 from edgefl.config import RunConfig, load
-from edgefl.demo import run_local
+from launch.local import run_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b3.toml"
 TARGET = 0.90

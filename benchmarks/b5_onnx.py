@@ -1,6 +1,6 @@
 """B5 of docs/benchmarks.md: deploying the B1 global model as ONNX.
 
-1. B1 runs end to end over MQTT (edgefl.demo.run_local); its aggregator exports the final model
+1. B1 runs end to end over MQTT (launch.local.run_local); its aggregator exports the final model
    (fp32 checked against PyTorch on the test split, and int8) and rolls it out to the 20 devices.
 2. Latency of ONNX Runtime and PyTorch eager on that model, batch 1 and 64, one thread each (a
    Pi core), side by side in this process: median of repeated timing blocks.
@@ -40,17 +40,17 @@ from device.agent import DeviceAgent
 from device.inference import InferenceServer
 from edgefl.config import DeviceConfig, RunConfig, load
 from edgefl.data import Dataset, dirichlet_partition, load_digits_split
-from edgefl.demo import run_local
 from edgefl.models import build_model, get_weights, model_info, set_weights
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
+from launch.local import run_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
 
 RSS_ONNX = """
 import sys, numpy as np
 from device.inference import InferenceServer
-from edgefl.telemetry import peak_rss_mb
+from edgefl.memory import peak_rss_mb
 s = InferenceServer(); s.load(sys.argv[1])
 X = np.load(sys.argv[2])
 for _ in range(200): s.predict(X[:64])
@@ -60,7 +60,7 @@ print(peak_rss_mb())
 
 RSS_TORCH = """
 import sys, numpy as np, torch
-from edgefl.telemetry import peak_rss_mb
+from edgefl.memory import peak_rss_mb
 from aggregator.checkpoint import Checkpointer
 from edgefl.models import build_model, set_weights
 torch.set_num_threads(1)

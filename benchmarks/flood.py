@@ -41,9 +41,9 @@ from benchmarks.common import machine, median, table, write_results
 from device.updates import UpdateEncoder
 from edgefl import dynsec
 from edgefl.config import RunConfig, load
-from edgefl.demo import LocalRun, run_local
 from edgefl.messages import GlobalModel, Task
 from edgefl.models import build_model, get_weights
+from launch.local import LocalRun, run_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
 HOSTILE = "dev-hostile"

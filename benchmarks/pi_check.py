@@ -391,7 +391,7 @@ def aggregator_config(work: Path, broker_dir: Path, port: int, eval_data: Path) 
 
 
 def edgefl(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgefl", *args]
+    return [sys.executable, "-m", "launch", *args]
 
 
 def check_fleet(emu: Emulated, work: Path) -> dict[str, Any]:

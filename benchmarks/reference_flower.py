@@ -80,8 +80,8 @@ ISSUE_2 = {"round_s_1_epoch": 0.070, "startup_s": 49.0, "client_rss_mb": 460.0}
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), in MB (2**20 bytes): edgefl.telemetry's
-    peak_rss_mb, which Flower's processes cannot import (edgefl.telemetry needs msgpack, which
+    """This process's peak resident memory (VmHWM), in MB (2**20 bytes): device.telemetry's
+    peak_rss_mb, which Flower's processes cannot import (device.telemetry needs msgpack, which
     their venv lacks and which would add to the memory measured)."""
     with open("/proc/self/status") as f:
         for line in f:

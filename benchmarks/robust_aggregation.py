@@ -1,4 +1,4 @@
-"""Robust aggregation on B1 with a hostile fifth of the fleet: every rule of edgefl/robust.py
+"""Robust aggregation on B1 with a hostile fifth of the fleet: every rule of aggregator/robust.py
 against sign-flipped and scaled updates.
 
 B1 of docs/benchmarks.md (digits, Dirichlet(0.5) over 20 devices with partition seed 0, MLP
@@ -35,14 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.robust import accumulator_for
 from aggregator.rounds import Round
+from aggregator.strategies import make_strategy
 from benchmarks.common import median, table, write_results
 from edgefl.config import RunConfig, load
 from edgefl.data import Dataset, load_digits_split, partition
 from edgefl.messages import Update
 from edgefl.models import build_model, get_weights, model_spec, set_weights
-from edgefl.robust import accumulator_for
-from edgefl.strategies import make_strategy
 from edgefl.training import evaluate, train_local
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "b1.toml"
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         f"MLP 64-128-10, SGD lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
         f"{cfg.train.epochs} local epochs, all devices every round, {args.rounds} rounds).\n"
         f"Simulated in one process without MQTT: it measures the aggregation rules "
-        f"(edgefl/robust.py in the aggregator's Round), not the network.\n"
+        f"(aggregator/robust.py in the aggregator's Round), not the network.\n"
         f"Attackers: devices {', '.join(map(str, ATTACKERS))} (4 of 20, "
         f"{100 * attacker_share:.0f} % of the samples) train honestly and send their delta "
         f"x(-1), x(-10), x(+10), or half x(-1) and half x(-10).\n"

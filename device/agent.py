@@ -4,7 +4,7 @@ It announces itself (retained ``online`` birth, ``offline`` Last Will), reports 
 the latest global model (checked by SHA-256), trains on its local data when given a task (with
 the task's epochs, step cap and batch size), and publishes the delta as an update envelope with
 QoS 1. A real device times each update until its PUBACK to learn its uplink bandwidth, which its
-telemetry then reports (device/profiles.py, edgefl/telemetry.py LinkEstimator).
+telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator).
 
 Everything the agent receives is checked before use; a bad message is logged and dropped. The
 agent never blocks its network thread: training runs on an executor, so telemetry and
@@ -35,6 +35,7 @@ from device import inference
 from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
 from device.profiles import make_hardware
+from device.telemetry import capabilities
 from device.updates import UpdateEncoder
 from edgefl import __version__
 from edgefl.compression import CODECS, WireError
@@ -49,7 +50,6 @@ from edgefl.messages import (
 )
 from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
 from edgefl.mqtt import MqttLink, Will
-from edgefl.telemetry import capabilities
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Two kinds, one interface, chosen by the ``[profile]`` table of the device's conf
 
 - :class:`RealHardware` reads the machine through psutil (battery and temperature where the
   board has sensors) and adds nothing to the time work takes. Its uplink bandwidth it learns
-  from the agent's timed uploads (edgefl.telemetry.LinkEstimator), unless ``link_kbps`` fixes it.
+  from the agent's timed uploads (device.telemetry.LinkEstimator), unless ``link_kbps`` fixes it.
 - :class:`SimulatedHardware` plays a device of another kind on this machine: ``slowdown`` times
   slower, with a battery that drains with the energy its work uses and may be charging, and an
   upload link of ``link_kbps``. Slowness and bandwidth take real wall time (the agent sleeps for
@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from device.telemetry import LinkEstimator, read_battery, read_system
 from edgefl.config import ProfileConfig
 from edgefl.messages import PowerModel, Telemetry
-from edgefl.telemetry import LinkEstimator, read_battery, read_system
 
 
 class Hardware:

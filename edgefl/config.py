@@ -194,7 +194,7 @@ class StrategyConfig:
     # rescale the mean by the average number of steps, so that devices that did more local
     # work do not pull the model towards their own optimum (useful with adaptive workloads).
     fednova: bool = False
-    # How a round's deltas combine (edgefl/robust.py): "mean" (sample-weighted, FedAvg),
+    # How a round's deltas combine (aggregator/robust.py): "mean" (sample-weighted, FedAvg),
     # "norm_clip", "screened_clip" (drops deltas opposed to the coordinate-wise median, then
     # clips), "median" or "trimmed_mean". All but mean and a fixed norm_clip keep every delta
     # of the round in memory.

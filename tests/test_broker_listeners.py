@@ -24,9 +24,9 @@ import pytest
 from broker import MosquittoSettings, free_port, mqtt_login_ok, render_config
 from broker.certs import make_certificates
 from broker.render import broker_user
-from edgefl.cli import main as edgefl
 from edgefl.config import BrokerConfig, ConfigError
 from edgefl.mqtt import MqttLink
+from launch.cli import main as edgefl
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.broker

@@ -12,10 +12,10 @@ import pytest
 from aggregator.checkpoint import Checkpointer
 from aggregator.rounds import Round
 from aggregator.service import Aggregator
+from aggregator.strategies import make_strategy
 from edgefl.compression import DenseCodec
 from edgefl.config import AggregatorConfig, BrokerConfig
 from edgefl.messages import Status, Update, encode_update
-from edgefl.strategies import make_strategy
 
 
 def _state(version: int) -> dict:

@@ -20,14 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from aggregator import deploy
+from aggregator import deploy, onnx_export
 from aggregator.deploy import rollback_command
+from aggregator.onnx_export import onnx_logits
 from device.http import serve_http
 from device.inference import InferenceServer, LocalModels
-from edgefl import onnx_export
 from edgefl.models import ModelInfo, num_parameters, set_weights
 from edgefl.mqtt import MqttLink
-from edgefl.onnx_export import onnx_logits
 from tests.conftest import FLEET, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -377,7 +376,7 @@ def test_predict_command_uses_onnx_runtime_only(tmp_path, make_fleet, digits) ->
     data = tmp_path / "x.npz"
     np.savez(data, X=test.X[:20], y=test.y[:20])
     code = (
-        "import sys; from edgefl.cli import main; "
+        "import sys; from launch.cli import main; "
         f"rc = main(['predict', '--model', {str(a)!r}, '--json', {str(data)!r}]); "
         "assert 'torch' not in sys.modules, 'the inference path imported torch'; "
         "sys.exit(rc)"

@@ -12,9 +12,9 @@ import pytest
 
 from aggregator.enrolled import LIST_FILE, EnrolledDevices, read_ids
 from broker import free_port, mqtt_login_ok, prepare, read_password_file
-from edgefl.cli import main as edgefl
 from edgefl.config import DeviceConfig, load
 from edgefl.mqtt import MqttLink
+from launch.cli import main as edgefl
 from tests.test_broker_listeners import FLEET, deployment_dir, edgefl_broker, wait_for
 
 

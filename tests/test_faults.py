@@ -114,7 +114,7 @@ def test_a_replayed_update_from_an_earlier_round_is_rejected_as_stale(make_fleet
 
 def _device_process(config: Path, log: Path) -> subprocess.Popen:
     """The device agent as a deployment runs it: its own process (what systemd restarts)."""
-    cmd = [sys.executable, "-m", "edgefl", "--log-file", str(log), "device", "--config"]
+    cmd = [sys.executable, "-m", "launch", "--log-file", str(log), "device", "--config"]
     cmd.append(str(config))
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 

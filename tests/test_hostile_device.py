@@ -16,10 +16,11 @@ from paho.mqtt.properties import Properties
 
 from aggregator.checkpoint import Checkpointer
 from broker.private import mqtt_login_ok
-from edgefl import cli, dynsec
+from edgefl import dynsec
 from edgefl.config import to_dict, to_toml
 from edgefl.messages import AggregatorStatus
 from edgefl.mqtt import MqttLink
+from launch import cli
 from tests.conftest import FLEET, wait_until
 
 pytestmark = pytest.mark.broker

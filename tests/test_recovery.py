@@ -31,7 +31,7 @@ def _start(config: Path, log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "edgefl",
+        "launch",
         "--log-file",
         str(log),
         "aggregator",

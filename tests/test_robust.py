@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefl.robust import (
+from aggregator.robust import (
     METHODS,
     ClippedSum,
     CoordinateMedian,

@@ -3,8 +3,8 @@ the rule configured in [strategy], deterministically for a seed."""
 
 from __future__ import annotations
 
+from aggregator.robust import METHODS
 from benchmarks.robust_aggregation import ATTACKERS, ATTACKS, RULES, Job, simulate
-from edgefl.robust import METHODS
 
 
 def test_every_attack_is_four_of_the_twenty_b1_devices() -> None:

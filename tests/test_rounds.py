@@ -1,4 +1,4 @@
-"""aggregator/rounds.py folds into any accumulator (edgefl/aggregation.py) without knowing it."""
+"""aggregator/rounds.py folds into any accumulator (aggregator/aggregation.py), unaware of it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
+from aggregator.aggregation import Accumulator, Contribution
 from aggregator.rounds import Round
-from edgefl.aggregation import Accumulator, Contribution
 from edgefl.messages import Update
 
 SPEC = {"w": (2,)}

@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from aggregator.aggregation import WeightedSum
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Round
 from aggregator.scheduler import SERVE_ONLY, Scheduler, training_memory_bytes
+from aggregator.strategies.fednova import NormalisedSum
 from benchmarks.b3_fleet import floor_violations
 from device.agent import DeviceAgent
 from device.profiles import Hardware, SimulatedHardware, make_hardware
-from edgefl.aggregation import WeightedSum
+from device.telemetry import LinkEstimator
 from edgefl.compression import WireError
 from edgefl.config import (
     AggregatorConfig,
@@ -47,8 +49,6 @@ from edgefl.messages import (
 )
 from edgefl.models import build_model, get_weights, model_spec, set_weights
 from edgefl.mqtt import MqttLink
-from edgefl.strategies.fednova import NormalisedSum
-from edgefl.telemetry import LinkEstimator
 from edgefl.training import local_steps, samples_for_steps, train_local
 from tests.conftest import FLEET, wait_until
 

@@ -37,7 +37,7 @@ class NoTorch:
         return None
 
 sys.meta_path.insert(0, NoTorch())
-from edgefl.cli import main
+from launch.cli import main
 
 code = main(sys.argv[1:])
 assert "torch" not in sys.modules

@@ -1,4 +1,4 @@
-"""Aggregation (edgefl/aggregation.py) and the server strategies (edgefl/strategies/).
+"""Aggregation (aggregator/aggregation.py) and the server strategies (aggregator/strategies/).
 
 The strategy tests check two rounds of each optimiser against numbers worked out by hand from
 the update rules in the papers, not against the implementation's own formulas.
@@ -11,9 +11,9 @@ import copy
 import numpy as np
 import pytest
 
-from edgefl.aggregation import WeightedSum
+from aggregator.aggregation import WeightedSum
+from aggregator.strategies import FedAdam, FedAvg, FedAvgM, Strategy, make_strategy
 from edgefl.config import StrategyConfig
-from edgefl.strategies import FedAdam, FedAvg, FedAvgM, Strategy, make_strategy
 
 SPEC = {"w": (2, 3), "b": (3,)}
 

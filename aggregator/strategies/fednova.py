@@ -20,12 +20,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edgefl.aggregation import Accumulator, Contribution, WeightedSum
+from aggregator.aggregation import Accumulator, Contribution, WeightedSum
 
 
 class Normalised(Accumulator):
     """FedNova around any accumulator of one round (the weighted mean, or a robust rule from
-    edgefl/robust.py): deltas go in divided by their steps, and ``mean()`` scales the
+    aggregator/robust.py): deltas go in divided by their steps, and ``mean()`` scales the
     accumulator's aggregate back by tau_eff."""
 
     def __init__(self, inner: Accumulator) -> None:

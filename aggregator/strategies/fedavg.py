@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edgefl.strategies.base import Strategy, Weights
+from aggregator.strategies.base import Strategy, Weights
 
 
 class FedAvg(Strategy):

@@ -102,7 +102,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         agent.stop()
     executor.shutdown(wait=False, cancel_futures=True)
     if args.stats_out:
-        from edgefl.telemetry import peak_rss_mb
+        from edgefl.memory import peak_rss_mb
 
         stats = {
             "agents": len(agents),
@@ -297,7 +297,7 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edgefl.demo import run_demo
+    from launch.local import run_demo
 
     overrides: dict[str, dict[str, object]] = {}
     if args.rounds is not None:

@@ -198,7 +198,7 @@ def run_local(
             cmd = [
                 sys.executable,
                 "-m",
-                "edgefl",
+                "launch",
                 "--log-file",
                 str(logs / f"{name}.log"),
                 "device",
@@ -211,7 +211,7 @@ def run_local(
         agg_cmd = [
             sys.executable,
             "-m",
-            "edgefl",
+            "launch",
             "--log-file",
             str(logs / "aggregator.log"),
             "aggregator",

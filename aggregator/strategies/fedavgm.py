@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edgefl.strategies.base import Strategy, Weights
+from aggregator.strategies.base import Strategy, Weights
 
 
 class FedAvgM(Strategy):

@@ -1,6 +1,6 @@
 """Aggregation rules that a minority of faulty or hostile devices cannot steer.
 
-Each is an :class:`edgefl.aggregation.Accumulator`, so a round folds updates in the same way
+Each is an :class:`aggregator.aggregation.Accumulator`, so a round folds updates in the same way
 whatever the rule:
 
 - ``mean``: the sample-weighted mean (FedAvg; McMahan et al. 2017). Streaming: memory does not
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.aggregation import Accumulator, WeightedSum
-from edgefl.strategies.fednova import Normalised
+from aggregator.aggregation import Accumulator, WeightedSum
+from aggregator.strategies.fednova import Normalised
 
 METHODS = ("mean", "norm_clip", "screened_clip", "median", "trimmed_mean")
 

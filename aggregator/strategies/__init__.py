@@ -8,11 +8,11 @@ Deltas are ``local - base``, so a positive step follows the devices.
 
 from __future__ import annotations
 
+from aggregator.strategies.base import Strategy
+from aggregator.strategies.fedadam import FedAdam
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.fedavgm import FedAvgM
 from edgefl.config import StrategyConfig
-from edgefl.strategies.base import Strategy
-from edgefl.strategies.fedadam import FedAdam
-from edgefl.strategies.fedavg import FedAvg
-from edgefl.strategies.fedavgm import FedAvgM
 
 __all__ = ["Strategy", "FedAvg", "FedAvgM", "FedAdam", "make_strategy"]
 

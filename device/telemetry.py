@@ -133,21 +133,3 @@ def capabilities() -> dict[str, object]:
         "machine": platform.machine(),
         "python": platform.python_version(),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory, in MB (2**20 bytes).
-
-    On Linux this is VmHWM from /proc, which starts afresh at exec; ``ru_maxrss`` would not: a
-    process started from a large parent inherits the parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

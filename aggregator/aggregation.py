@@ -3,8 +3,8 @@ weighted sum at the heart of a round.
 
 A round hands every accepted update to its accumulator as a :class:`Contribution` and asks it
 for the combined delta when it closes. Each aggregation rule is one implementation: the
-sample-weighted mean here, the robust rules in edgefl/robust.py, FedNova's normalisation around
-any of them in edgefl/strategies/fednova.py. The round knows none of them by name; a new rule
+sample-weighted mean here, the robust rules in aggregator/robust.py, FedNova's normalisation around
+any of them in aggregator/strategies/fednova.py. The round knows none of them by name; a new rule
 (a staleness-weighted buffer, masked sums) is one more implementation.
 
 The weighted sum folds updates in as they arrive: the aggregator holds one running sum the size
