@@ -8,8 +8,9 @@ One forward path per kind of message, run in the network thread:
   ``limits.max_delta_abs``, folded into the round's accumulator exactly once
   (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the
   disk; anything else is acknowledged at once;
-- a reply (a device that sends no update: declined, late, superseded) shares the update topic
-  and is handed to the round lifecycle, which may ask another device to step in.
+- a reply (a device that sends no update: declined, late, superseded), on its own topic:
+  admitted, enrolled, decoded, handed to the round lifecycle, which may ask another device to
+  step in.
 
 Every refusal has a reason, is counted by kind and reason, and reaches the guard, which logs it
 (rate-limited) and quarantines a device that floods or keeps sending invalid messages.
@@ -30,7 +31,7 @@ from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round
 from edgefl.compression import ModelSpec, WireError
 from edgefl.config import AggregatorConfig
-from edgefl.messages import Reply, Status, Telemetry, decode_update, is_reply
+from edgefl.messages import Reply, Status, Telemetry, decode_update
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Intake:
     # -- updates and replies --------------------------------------------------------------------
 
     def update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
-        """An update (or reply) as MQTT delivers it, with the acknowledgement to send when it
+        """An update as MQTT delivers it, with the acknowledgement to send when it
         is safe: at once unless it was folded in, else once its round is checkpointed."""
         device_id = self._device_of(topic)
         if device_id is not None and not self.guard.admit(device_id):
@@ -119,7 +120,7 @@ class Intake:
             assert rnd is not None
             rnd.hold_ack(ack)
         else:
-            ack()  # rejected (and counted), or a reply: nothing to keep
+            ack()  # rejected (and counted): nothing to keep
 
     def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
         """Validate an update and fold it into ``rnd``; True if it was accepted."""
@@ -130,9 +131,6 @@ class Intake:
         if device_id not in self.enrolled:
             self._stranger(device_id)
             self._reject(device_id, "not_enrolled", "device is not enrolled", rnd)
-            return False
-        if is_reply(payload):
-            self._reply(device_id, payload, rnd)
             return False
         limits = self.cfg.limits
         try:
@@ -180,12 +178,16 @@ class Intake:
         self._on_change()
         return True
 
-    def _reply(self, device_id: str, payload: bytes, rnd: Round | None) -> None:
+    def reply(self, topic: str, payload: bytes) -> None:
         """A device says it sends no update for a task: declined, late, or superseded."""
+        device_id = self._admitted(topic, "reply")
+        if device_id is None:
+            return
+        rnd = self._current_round()
         try:
             reply = Reply.from_payload(payload, topic_device_id=device_id)
         except WireError as e:
-            self._reject(device_id, e.reason, e.detail, rnd)
+            self.guard.reject(device_id, "reply", e.reason, e.detail)
             return
         # what the work cost counts, and tells its speed, even when the round is over
         energy = self.registry.on_work(device_id, reply.metrics, completed=False)

@@ -532,7 +532,7 @@ class DeviceAgent:
         self.stats.replies[kind] = self.stats.replies.get(kind, 0) + 1
         log.info("%s: round %d %s: %s", self.id, task.round, kind, reason)
         if self.link.connected.is_set():
-            self.link.publish(self.topics.update(self.id), reply.to_payload(), qos=1)
+            self.link.publish(self.topics.reply(self.id), reply.to_payload(), qos=1)
 
     # -- telemetry ------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ edgefl/{fleet}/devices/{id}/status      device -> all         QoS 1, retained (b
 edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0
 edgefl/{fleet}/devices/{id}/task        aggregator -> device  QoS 1
 edgefl/{fleet}/devices/{id}/update      device -> aggregator  QoS 1
+edgefl/{fleet}/devices/{id}/reply       device -> aggregator  QoS 1 (no update: declined, late)
 edgefl/{fleet}/model/global             aggregator -> devices QoS 1, retained
 edgefl/{fleet}/model/delta              aggregator -> devices QoS 1 (downlink "delta" only)
 edgefl/{fleet}/model/onnx               aggregator -> devices QoS 1, retained
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from edgefl.config import NAME_RE, check_name
 
-DEVICE_KINDS = ("status", "telemetry", "task", "update")
+DEVICE_KINDS = ("status", "telemetry", "task", "update", "reply")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class Topics:
 
     def update(self, device_id: str) -> str:
         return self.device(device_id, "update")
+
+    def reply(self, device_id: str) -> str:
+        """Where a device says it sends no update for a task (edgefl.messages.Reply)."""
+        return self.device(device_id, "reply")
 
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one kind of message from every device."""

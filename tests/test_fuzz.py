@@ -180,7 +180,7 @@ def test_every_handler_then_a_checkpoint(agg, data) -> None:
     devices = f"edgefl/{FLEET}/devices/dev-a/"
     agg.intake.status(devices + "status", payloads[0])
     agg.intake.telemetry(devices + "telemetry", payloads[1])
-    agg.intake.update(devices + "update", payloads[2], lambda: None)
+    agg.intake.reply(devices + "reply", payloads[2])
     agg._checkpoint()  # raises if anything stored cannot be encoded
     rec = agg.registry.get("dev-a")
     if rec is not None:

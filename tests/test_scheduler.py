@@ -738,8 +738,7 @@ def _watch_updates(broker) -> tuple[MqttLink, dict[str, bytes]]:
     seen: dict[str, bytes] = {}
 
     def on_update(topic: str, payload: bytes) -> None:
-        if not is_reply(payload):
-            seen[topic.split("/")[-2]] = payload
+        seen[topic.split("/")[-2]] = payload
 
     watcher = MqttLink("test-watcher", broker.broker_config(broker.monitor), clean_start=True)
     watcher.subscribe(f"edgefl/{FLEET}/devices/+/update", on_update)

@@ -18,7 +18,7 @@ from aggregator.scheduler import SERVE_ONLY
 from device.inference import LocalModels
 from edgefl.config import to_dict, to_toml
 from edgefl.data import save_npz
-from edgefl.messages import Reply, Task, is_reply
+from edgefl.messages import Reply, Task
 from edgefl.mqtt import MqttLink
 from tests.conftest import FLEET, wait_until
 
@@ -91,12 +91,11 @@ def test_a_device_without_torch_serves_the_deployed_model_and_declines_training(
         # a task sent to it all the same is declined, with the reason
         replies: list[Reply] = []
 
-        def on_update(topic: str, payload: bytes) -> None:
-            if is_reply(payload):
-                replies.append(Reply.from_payload(payload, topic_device_id="serves"))
+        def on_reply(topic: str, payload: bytes) -> None:
+            replies.append(Reply.from_payload(payload, topic_device_id="serves"))
 
         sender = MqttLink("test-sender", broker.broker_config(broker.aggregator), clean_start=True)
-        sender.subscribe(f"edgefl/{FLEET}/devices/serves/update", on_update)
+        sender.subscribe(f"edgefl/{FLEET}/devices/serves/reply", on_reply)
         with sender:
             task = Task(9, 2, 1, 32, 0.1, {"name": "dense_fp32"}, time.time() + 30)
             sender.publish(f"edgefl/{FLEET}/devices/serves/task", task.to_payload(), qos=1)
