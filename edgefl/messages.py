@@ -531,7 +531,7 @@ def _decode_compact_update(
     if _count(fields, "tag", what, hi=0xFFFF) != spec_tag(spec):
         raise WireError("shape", "the update is for another model (tensor names or shapes differ)")
     codec_id = fields["codec"]
-    cls = None if isinstance(codec_id, bool) else CODECS_BY_WIRE_ID.get(codec_id)
+    cls = CODECS_BY_WIRE_ID.get(codec_id) if type(codec_id) is int else None  # not True, not []
     if cls is None:
         raise WireError("codec", f"unknown codec id {str(codec_id)[:20]}")
     metrics = _unpack_compact_metrics(fields["metrics"], time.time())

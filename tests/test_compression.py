@@ -657,6 +657,8 @@ def _repack(fields: list) -> bytes:
         (5, 99, "codec"),
         (5, True, "codec"),
         (5, "topk", "codec"),
+        (5, [4], "codec"),  # unhashable: once a TypeError out of the decoder
+        (5, {"name": "topk"}, "codec"),
         (6, b"\x00", "malformed"),
         (6, b"\xff\xff", "malformed"),
         (6, "metrics", "malformed"),
