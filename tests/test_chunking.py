@@ -183,6 +183,7 @@ def _manifest_rejected(obj: dict, reason: str, **kw) -> None:
 @pytest.mark.parametrize(
     "change, reason",
     [
+        ({"v": 1}, "version"),
         ({"v": FORMAT_VERSION + 1}, "version"),
         ({"model": "mlp_mnist"}, "model"),
         ({"variant": "int4"}, "malformed"),

@@ -632,7 +632,7 @@ def test_compact_envelope_field_checks():
     rejected(payload[:-3], "malformed")  # truncated MessagePack
 
 
-@pytest.mark.parametrize("flags", [0x00, 0x03, 0x0F, 0x21, 0x81])
+@pytest.mark.parametrize("flags", [0x00, 0x01, 0x03, 0x0F, 0x21, 0x81])
 def test_compact_envelope_version_and_flags(flags):
     payload = compact()
     reason = "malformed" if flags & 0xE0 else "version"

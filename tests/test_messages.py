@@ -296,7 +296,7 @@ def test_missing_magic_is_malformed():
     rejected(envelope()[2:], "malformed")
 
 
-@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, 15])
+@pytest.mark.parametrize("version", [0, 1, FORMAT_VERSION + 1, 15])
 def test_unknown_format_version(version):
     payload = envelope()
     err = rejected(payload[:1] + bytes([version]) + payload[2:], "version")
@@ -825,7 +825,7 @@ def test_task_payload_is_readable_json():
 
 
 @pytest.mark.parametrize(
-    "version", [FORMAT_VERSION + 1, str(FORMAT_VERSION), float(FORMAT_VERSION), None]
+    "version", [1, FORMAT_VERSION + 1, str(FORMAT_VERSION), float(FORMAT_VERSION), None]
 )
 def test_task_with_an_unknown_version(version):
     json_rejected(Task, edit_json(make_task().to_payload(), v=version), "version")
@@ -1070,7 +1070,7 @@ def _previous_version_payloads() -> dict[str, tuple]:
 def test_every_decoder_reads_this_version_and_refuses_any_other(kind):
     call = _previous_version_payloads()[kind]
     call(FORMAT_VERSION)  # the same message in this version decodes
-    for version in (None, FORMAT_VERSION + 1):
+    for version in (None, 1, FORMAT_VERSION + 1):  # 1: the previous format
         with pytest.raises(WireError) as info:
             call(version)
         assert info.value.reason == "version", f"{kind} v{version}: {info.value}"

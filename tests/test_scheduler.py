@@ -167,6 +167,7 @@ def test_reply_round_trip_and_is_told_from_an_update():
         ({"round": -1}, "malformed"),
         ({"metrics": {"cpu_s": "lots"}}, "malformed"),
         ({"reason": 5}, "malformed"),
+        ({"v": 1}, "version"),
         ({"v": FORMAT_VERSION + 1}, "version"),
         ({"fmt": "edgefl.update"}, "malformed"),
     ],

@@ -23,7 +23,8 @@ import msgpack
 from edgefl.compression import WireError
 from edgefl.config import NAME_RE
 
-FORMAT_VERSION = 1
+# 2: the update envelope is the compact one alone, and every message's version is checked
+FORMAT_VERSION = 2
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_METRICS = 32
 # bounds for what devices say about themselves: everything the aggregator keeps (its registry,
