@@ -154,7 +154,9 @@ def count(d: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = MAX_
     return value
 
 
-def optional_count(d: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = MAX_COUNT):
+def optional_count(
+    d: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = MAX_COUNT
+) -> int | None:
     """A count that may be absent or null (None then)."""
     return None if d.get(key) is None else count(d, key, what, lo, hi)
 
@@ -171,7 +173,9 @@ def number(
     return value
 
 
-def optional_number(d: Mapping[str, Any], key: str, what: str, lo: float, hi: float):
+def optional_number(
+    d: Mapping[str, Any], key: str, what: str, lo: float, hi: float
+) -> float | None:
     """A number that may be absent or null (None then)."""
     return None if d.get(key) is None else number(d, key, what, lo, hi)
 

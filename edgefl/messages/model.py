@@ -53,7 +53,9 @@ def encode_model(msg: GlobalModel, codec: Codec, data: Any = None) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def decode_model(payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20):
+def decode_model(
+    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20
+) -> GlobalModel:
     """The global model from its retained message, its SHA-256 verified."""
     what = "global model"
     obj = checks.read_msgpack(payload, what, MODEL_FORMAT, max_bytes)
