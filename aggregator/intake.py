@@ -3,7 +3,7 @@
 One forward path per kind of message, run in the network thread:
 
 - status and telemetry: admitted by the guard (aggregator/guard.py), checked against the
-  enrolled list, decoded and validated (edgefl/messages.py), then kept by the registry;
+  enrolled list, decoded and validated (edgefl/messages/), then kept by the registry;
 - an update: admitted, enrolled, decoded against the model and the open round, held to
   ``limits.max_delta_abs``, folded into the round's accumulator exactly once
   (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the

@@ -51,7 +51,7 @@ import numpy as np
 from aggregator.registry import DEFAULT_POWER, DeviceRecord, DeviceRegistry
 from edgefl.compression import ModelSpec, WireError, codec_from_config, make_codec
 from edgefl.config import AggregatorConfig, ConfigError
-from edgefl.messages import Task, Update, encode_update
+from edgefl.messages import Task, Update, encode_compact_update
 from edgefl.training import local_steps, samples_for_steps
 
 log = logging.getLogger(__name__)
@@ -409,13 +409,19 @@ class Scheduler:
         return self._spec
 
     def payload_bytes(self, codec: dict[str, Any]) -> int:
-        """Size of an update envelope with ``codec``, measured on a random delta once."""
+        """Size of an update envelope with ``codec``, measured on a random delta once: the
+        compact envelope devices send (device/updates.py), with the metrics they report."""
         key = repr(sorted(codec.items()))
         if key not in self._bytes:
             rng = np.random.default_rng(0)
             delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self.spec.items()}
-            update = Update("x", 1, 0, 1, delta, {f"m{i}": 0.0 for i in range(16)})
-            self._bytes[key] = len(encode_update(update, make_codec(codec)))
+            now = time.time()
+            metrics = {"loss": 1.0, "accuracy": 0.5, "train_s": 1.0, "cpu_s": 1.0, "steps": 100.0,
+                       "samples_seen": 1000.0, "t_task": now, "t_start": now, "t_end": now + 1,
+                       "battery_pct": 50.0, "charging": 0.0}
+            update = Update("x", 1, 0, 1, delta, metrics)
+            payload = encode_compact_update(update, make_codec(codec), self.spec)
+            self._bytes[key] = len(payload)
         return self._bytes[key]
 
     def _rank(self, records: list[DeviceRecord]) -> list[DeviceRecord]:

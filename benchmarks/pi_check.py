@@ -42,7 +42,7 @@ from benchmarks.common import table, write_results
 from broker.private import free_port
 from edgefl.config import AggregatorConfig, BrokerConfig, to_dict, to_toml
 from edgefl.data import Dataset, dirichlet_partition, load_digits_split, save_npz
-from edgefl.messages import Reply, Status, Task, is_reply
+from edgefl.messages import Reply, Status, Task
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
 
@@ -511,12 +511,8 @@ def check_fleet(emu: Emulated, work: Path) -> dict[str, Any]:
         sender = MqttLink("pi-check-sender", aggregator, clean_start=True)
         replies: list[Reply] = []
         sender.subscribe(
-            watch.topics.update("pi-serve"),
-            lambda _t, p: (
-                replies.append(Reply.from_payload(p, topic_device_id="pi-serve"))
-                if is_reply(p)
-                else None
-            ),
+            watch.topics.reply("pi-serve"),
+            lambda _t, p: replies.append(Reply.from_payload(p, topic_device_id="pi-serve")),
         )
         with sender:
             task = Task(99, version, 1, 32, 0.1, {"name": "dense_fp32"}, time.time() + 120)

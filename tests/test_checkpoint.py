@@ -15,7 +15,7 @@ from aggregator.service import Aggregator
 from aggregator.strategies import make_strategy
 from edgefl.compression import DenseCodec
 from edgefl.config import AggregatorConfig, BrokerConfig
-from edgefl.messages import Status, Update, encode_update
+from edgefl.messages import Status, Update, encode_compact_update
 
 
 def _state(version: int) -> dict:
@@ -105,9 +105,8 @@ def _round(agg: Aggregator, number: int) -> dict[str, np.ndarray]:
         agg.registry.on_status(device_id, Status("online", "1.0", {"cores": 4 + i}))
         delta = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in agg.weights.items()}
         metrics = {"train_s": 0.5 + i, "steps": 10.0, "t_start": 0.0, "t_end": 0.5 + i}
-        payload = encode_update(
-            Update(device_id, number, agg.version, 40 + 20 * i, delta, metrics), DenseCodec()
-        )
+        update = Update(device_id, number, agg.version, 40 + 20 * i, delta, metrics)
+        payload = encode_compact_update(update, DenseCodec(), agg.spec)
         assert agg.intake.fold(f"edgefl/test/devices/{device_id}/update", payload, rnd)
     mean = rnd.aggregate()
     assert agg._wait_and_close(rnd, time.perf_counter(), 0, None).applied

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from edgefl.chunking import MAX_CHUNKS, Assembler, Blob, chunk_filter, chunk_topic, split
 from edgefl.compression import WireError
-from edgefl.messages import Deployment
+from edgefl.messages import FORMAT_VERSION, Deployment
 
 BODY = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes: not a multiple of the chunk size
 
@@ -183,7 +183,8 @@ def _manifest_rejected(obj: dict, reason: str, **kw) -> None:
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"v": 2}, "version"),
+        ({"v": 1}, "version"),
+        ({"v": FORMAT_VERSION + 1}, "version"),
         ({"model": "mlp_mnist"}, "model"),
         ({"variant": "int4"}, "malformed"),
         ({"metadata": {"a": 1}}, "malformed"),

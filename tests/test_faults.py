@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl.compression import DenseCodec
-from edgefl.messages import Update, encode_update
+from edgefl.messages import Update, encode_compact_update
 from tests.conftest import finite, wait_until
 from tests.test_federation import Scripted
 
@@ -90,16 +90,19 @@ def test_a_replayed_update_from_an_earlier_round_is_rejected_as_stale(make_fleet
         rng = np.random.default_rng(0)
         delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in agg.spec.items()}
         first_task = a.tasks.get(timeout=10)
-        first = encode_update(
-            Update("dev-a", first_task.round, first_task.base_version, 10, delta), DenseCodec()
+        first = encode_compact_update(
+            Update("dev-a", first_task.round, first_task.base_version, 10, delta),
+            DenseCodec(),
+            agg.spec,
         )
         a.send(first)
         second_task = a.tasks.get(timeout=10)
         a.send(first)  # the round-1 update again, in round 2
         a.send(
-            encode_update(
+            encode_compact_update(
                 Update("dev-a", second_task.round, second_task.base_version, 10, delta),
                 DenseCodec(),
+                agg.spec,
             )
         )
         runner.join(20)

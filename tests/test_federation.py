@@ -12,7 +12,7 @@ import pytest
 
 from broker import PrivateBroker
 from edgefl.compression import DenseCodec
-from edgefl.messages import Status, Task, Telemetry, Update, encode_update
+from edgefl.messages import FORMAT_VERSION, Status, Task, Telemetry, Update, encode_compact_update
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
 from tests.conftest import FLEET, finite, wait_until
@@ -135,7 +135,8 @@ def _update(device: str, task: Task, delta: dict, n: int, **changes) -> bytes:
         delta=delta,
     )
     fields.update(changes)
-    return encode_update(Update(**fields), DenseCodec())
+    spec = {k: v.shape for k, v in delta.items()}
+    return encode_compact_update(Update(**fields), DenseCodec(), spec)
 
 
 def test_hostile_updates_are_rejected_counted_and_never_reach_the_model(
@@ -160,10 +161,11 @@ def test_hostile_updates_are_rejected_counted_and_never_reach_the_model(
         bad_shape = DenseCodec().encode(delta_a)
         bad_shape[0]["shape"] = [64, 128]  # the model's first tensor is 128 x 64
         a.send(
-            encode_update(
+            encode_compact_update(
                 Update("dev-a", task_a.round, task_a.base_version, 30, delta_a),
                 DenseCodec(),
-                records=bad_shape,
+                agg.spec,
+                bad_shape,
             )
         )
         nan = {k: v.copy() for k, v in delta_a.items()}
@@ -215,7 +217,7 @@ def test_agents_and_aggregator_reconnect_after_the_broker_restarts(make_fleet) -
     assert m.round == 2 and m.reported == 2 and m.applied
 
 
-@pytest.mark.parametrize("bad", [b"", b"not json", b'{"v": 1, "round": -1}'])
+@pytest.mark.parametrize("bad", [b"", b"not json", b'{"v": %d, "round": -1}' % FORMAT_VERSION])
 def test_malformed_tasks_are_ignored_by_the_agent(make_fleet, broker, bad) -> None:
     fleet = make_fleet(devices=1)
     agent = fleet.start_agent(0)

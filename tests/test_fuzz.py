@@ -21,7 +21,16 @@ from aggregator.service import Aggregator
 from device.updates import UpdateEncoder
 from edgefl.compression import DenseCodec
 from edgefl.config import AggregatorConfig, BrokerConfig
-from edgefl.messages import GlobalModel, Reply, Status, Task, Telemetry, Update, encode_update
+from edgefl.messages import (
+    FORMAT_VERSION,
+    GlobalModel,
+    Reply,
+    Status,
+    Task,
+    Telemetry,
+    Update,
+    encode_compact_update,
+)
 from tests.conftest import FLEET
 
 pytestmark = pytest.mark.slow
@@ -191,7 +200,7 @@ def test_every_handler_then_a_checkpoint(agg, data) -> None:
 def test_the_reported_birth_is_rejected_and_counted(agg) -> None:
     """The attack that once stopped training: an integer beyond 64 bits in the capabilities."""
     before = agg.guard.rejected["status/malformed"]
-    birth = {"v": 1, "state": "online", "capabilities": {"samples": 10**30}}
+    birth = {"v": FORMAT_VERSION, "state": "online", "capabilities": {"samples": 10**30}}
     agg.intake.status(f"edgefl/{FLEET}/devices/dev-z/status", json.dumps(birth).encode())
     assert agg.guard.rejected["status/malformed"] == before + 1
     assert agg.registry.get("dev-z") is None
@@ -206,7 +215,8 @@ def _update(agg: Aggregator, value: float) -> bytes:
     delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
     first = next(iter(delta))
     delta[first].flat[0] = value
-    return encode_update(Update("dev-a", 1, 0, 50, delta, {"train_s": 0.1}), DenseCodec())
+    update = Update("dev-a", 1, 0, 50, delta, {"train_s": 0.1})
+    return encode_compact_update(update, DenseCodec(), agg.spec)
 
 
 def test_a_value_beyond_max_delta_abs_is_rejected_as_magnitude(agg) -> None:

@@ -18,7 +18,7 @@ from aggregator.checkpoint import Checkpointer
 from broker.private import mqtt_login_ok
 from edgefl import dynsec
 from edgefl.config import to_dict, to_toml
-from edgefl.messages import AggregatorStatus
+from edgefl.messages import FORMAT_VERSION, AggregatorStatus
 from edgefl.mqtt import MqttLink
 from launch import cli
 from tests.conftest import FLEET, wait_until
@@ -45,7 +45,7 @@ def test_a_birth_the_checkpoint_cannot_hold_is_rejected_and_rounds_go_on(make_fl
     with agg:
         # the attack as reported: a valid-looking birth whose capabilities hold an integer
         # beyond 64 bits, retained so that every restart reads it again
-        birth = {"v": 1, "state": "online", "agent_version": "0.1.0",
+        birth = {"v": FORMAT_VERSION, "state": "online", "agent_version": "0.1.0",
                  "capabilities": {"samples": 10**30}}
         c = _client(fleet.broker, hostile, "x")
         c.publish(f"edgefl/{FLEET}/devices/dev-9/status", json.dumps(birth), qos=1,
@@ -164,7 +164,8 @@ def test_a_device_sending_invalid_updates_is_quarantined(make_fleet) -> None:
         c = _client(fleet.broker, hostile, "dev-9")
         wait_until(c.is_connected, what="login")
         for i in range(limit + 1):
-            c.publish(f"edgefl/{FLEET}/devices/dev-9/update", b"\xc1\x01junk%d" % i, qos=1)
+            junk = bytes([0xC1, FORMAT_VERSION]) + b"junk%d" % i  # an update header, then junk
+            c.publish(f"edgefl/{FLEET}/devices/dev-9/update", junk, qos=1)
             time.sleep(0.01)
         wait_until(lambda: "dev-9" in agg.guard.quarantined, what="the quarantine")
         wait_until(lambda: not c.is_connected(), what="the broker to close its connection")

@@ -38,6 +38,7 @@ from edgefl.config import (
 )
 from edgefl.data import Dataset
 from edgefl.messages import (
+    FORMAT_VERSION,
     PowerModel,
     Reply,
     Status,
@@ -45,7 +46,6 @@ from edgefl.messages import (
     Telemetry,
     Update,
     decode_update,
-    is_reply,
 )
 from edgefl.models import build_model, get_weights, model_spec, set_weights
 from edgefl.mqtt import MqttLink
@@ -138,10 +138,9 @@ def test_run_config_assigns_profiles_from_toml(tmp_path):
 # messages
 
 
-def test_reply_round_trip_and_is_told_from_an_update():
+def test_reply_round_trip():
     reply = Reply("dev-1", 7, "declined", "battery: 21% would fall to 19%", {"battery_pct": 21.0})
     payload = reply.to_payload()
-    assert is_reply(payload)
     got = Reply.from_payload(payload, topic_device_id="dev-1")
     assert (got.device_id, got.round, got.kind, got.reason) == (
         "dev-1",
@@ -150,11 +149,6 @@ def test_reply_round_trip_and_is_told_from_an_update():
         reply.reason,
     )
     assert got.metrics == {"battery_pct": 21.0}
-    from edgefl.compression import DenseCodec
-    from edgefl.messages import encode_update
-
-    update = encode_update(Update("dev-1", 1, 0, 5, {"b": np.zeros(4, np.float32)}), DenseCodec())
-    assert not is_reply(update)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +159,8 @@ def test_reply_round_trip_and_is_told_from_an_update():
         ({"round": -1}, "malformed"),
         ({"metrics": {"cpu_s": "lots"}}, "malformed"),
         ({"reason": 5}, "malformed"),
-        ({"v": 2}, "version"),
+        ({"v": 1}, "version"),
+        ({"v": FORMAT_VERSION + 1}, "version"),
         ({"fmt": "edgefl.update"}, "malformed"),
     ],
 )
@@ -360,14 +355,15 @@ def test_slow_links_get_the_more_compressed_codec():
     reg = DeviceRegistry()
     _device(reg, "fiber", sps=500.0)
     _device(reg, "modem", sps=500.0, link_kbps=1000.0)
-    # 10,000 weights: about 40 KB dense (0.32 s at 1,000 kbit/s), 20 KB in fp16 (0.16 s)
+    # 10,000 weights in the envelope devices send (zstd on): about 37 KB dense (0.30 s at
+    # 1,000 kbit/s), 18 KB in fp16 (0.15 s)
     spec = {"w": (100, 100)}
-    sched = _scheduler(reg, spec, codecs=["dense_fp32", "fp16"], budget_s=1.0, upload_share=0.3)
+    sched = _scheduler(reg, spec, codecs=["dense_fp32", "fp16"], budget_s=1.0, upload_share=0.25)
     plan = sched.plan(1, 0)
     assert plan.tasks["fiber"].codec == {"name": "dense_fp32"}
     assert plan.tasks["modem"].codec == {"name": "fp16"}
     assert sched.payload_bytes({"name": "fp16"}) < sched.payload_bytes({"name": "dense_fp32"})
-    # the upload's time comes out of the modem's compute time: 420 samples, not 500
+    # the upload's time comes out of the modem's compute time: about 425 samples, not 500
     assert (plan.step_caps["modem"], plan.step_caps["fiber"]) == (16, 20)
     with pytest.raises(ConfigError):
         _scheduler(reg, codecs=["no-such-codec"])

@@ -105,7 +105,7 @@ def test_plain_mqtt_to_the_tls_port_does_not_connect(tls_broker) -> None:
 def test_the_aggregator_ignores_devices_it_has_not_enrolled(make_fleet, broker, tmp_path) -> None:
     from aggregator.enrolled import add_ids
     from edgefl.compression import DenseCodec
-    from edgefl.messages import Update, encode_update
+    from edgefl.messages import Update, encode_compact_update
     from tests.conftest import wait_until
     from tests.test_federation import Scripted
 
@@ -119,7 +119,8 @@ def test_the_aggregator_ignores_devices_it_has_not_enrolled(make_fleet, broker, 
         stranger = Scripted(broker, "dev-x")
         try:
             delta = {k: v * 0 + 1.0 for k, v in agg.weights.items()}
-            stranger.send(encode_update(Update("dev-x", 1, 0, 10, delta), DenseCodec()))
+            update = Update("dev-x", 1, 0, 10, delta)
+            stranger.send(encode_compact_update(update, DenseCodec(), agg.spec))
             wait_until(lambda: agg.rejected["not_enrolled"] == 1, what="the rejection")
             assert agg.registry.get("dev-x") is None  # its birth was ignored too
             (m,) = agg.run()

@@ -57,7 +57,7 @@ class Codec(ABC):
 
     def spec(self) -> dict[str, Any]:
         """The codec's name and the parameters that differ from their defaults, as carried in
-        tasks and in the version 1 envelope; :func:`make_codec` fills in the rest."""
+        tasks and model messages; :func:`make_codec` fills in the rest."""
         params = {p: getattr(self, p) for p in self.PARAMS}
         return {"name": self.name} | {p: v for p, v in params.items() if v != getattr(DEFAULTS, p)}
 

@@ -1,0 +1,313 @@
+"""The control messages, JSON so that ``mosquitto_sub`` shows them readably: the task (aggregator
+-> device), telemetry, a device's status (birth with its capabilities and power model, or Last
+Will), the aggregator's status, and a device's reply when it sends no update."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from edgefl.compression import WireError, make_codec
+from edgefl.messages import checks
+from edgefl.messages.checks import FORMAT_VERSION, MAX_COUNT, MAX_SAMPLES, MAX_TIME
+
+MAX_CODECS = 16
+
+
+@dataclass
+class Task:
+    """What the aggregator asks of one device in one round."""
+
+    round: int
+    base_version: int
+    epochs: int
+    batch_size: int
+    lr: float
+    codec: dict[str, Any]
+    deadline: float  # unix time by which the update must have arrived
+    max_steps: int = 0  # 0 = no cap beyond the epochs
+    issued: float = field(default_factory=time.time)
+    prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
+
+    def to_payload(self) -> bytes:
+        # field by field, not asdict (a deep copy): one task per participant per round
+        return checks.dump_json(
+            {"v": FORMAT_VERSION, **{k: getattr(self, k) for k in _TASK_FIELDS}}
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Task:
+        what = "task"
+        obj = checks.read_json(payload, what)
+        codec = obj.get("codec")
+        make_codec(codec)  # refuse a codec this build cannot produce
+        return cls(
+            round=checks.count(obj, "round", what),
+            base_version=checks.count(obj, "base_version", what),
+            epochs=checks.count(obj, "epochs", what, 0, 1000),
+            batch_size=checks.count(obj, "batch_size", what, 1, 1 << 16),
+            lr=checks.number(obj, "lr", what, 0.0, 100.0),
+            codec=checks.codec_spec(codec),
+            deadline=checks.number(obj, "deadline", what, 0.0),
+            max_steps=checks.count(obj, "max_steps", what, 0, 10_000_000)
+            if "max_steps" in obj
+            else 0,
+            issued=checks.number(obj, "issued", what, 0.0),
+            prox_mu=checks.number(obj, "prox_mu", what, 0.0, 100.0) if "prox_mu" in obj else 0.0,
+        )
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(Task))
+
+
+@dataclass
+class Telemetry:
+    """A device's resources right now; None where the hardware cannot say."""
+
+    cpu_percent: float
+    mem_available_mb: float
+    samples: int
+    battery_percent: float | None = None
+    charging: bool | None = None
+    temperature_c: float | None = None
+    link_kbps: float | None = None
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return checks.dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Telemetry:
+        return cls.from_dict(checks.read_json(payload, "telemetry"))
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Telemetry:
+        """The fields of a telemetry message or of the reading a status carries (whose header
+        the status's own covers)."""
+        what = "telemetry"
+        checks.only_keys(obj, TELEMETRY_KEYS, what)
+        return cls(
+            cpu_percent=checks.number(obj, "cpu_percent", what, 0.0, 100.0 * 1024),
+            mem_available_mb=checks.number(obj, "mem_available_mb", what, 0.0, 1e9),
+            samples=checks.count(obj, "samples", what, 0, MAX_SAMPLES),
+            battery_percent=checks.optional_number(obj, "battery_percent", what, 0.0, 100.0),
+            charging=checks.flag(obj, "charging", what, None),
+            temperature_c=checks.optional_number(obj, "temperature_c", what, -100.0, 200.0),
+            link_kbps=checks.optional_number(obj, "link_kbps", what, 0.0, 1e9),
+            ts=checks.number(obj, "ts", what, 0.0, MAX_TIME),
+        )
+
+
+TELEMETRY_KEYS = frozenset(
+    {"v", "cpu_percent", "mem_available_mb", "samples", "battery_percent", "charging",
+     "temperature_c", "link_kbps", "ts"}
+)
+
+
+@dataclass
+class Status:
+    """A device's birth certificate or its Last Will.
+
+    A birth (``online``) carries the device's capabilities, a first telemetry reading (so the
+    aggregator can schedule it before its first periodic report) and the ONNX model version it
+    serves, if any. The Will is a bare ``offline``.
+    """
+
+    state: str  # "online" | "offline"
+    agent_version: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    telemetry: Telemetry | None = None
+    serving: int | None = None  # version of the ONNX model the device serves
+    serving_accuracy: float | None = None  # that model's accuracy on the device's own data
+    serving_seq: int | None = None  # the deployment (rollout or rollback) it came with
+    previous_accuracy: float | None = None  # the model served before, on the same data
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return checks.dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Status:
+        what = "status"
+        obj = checks.read_json(payload, what)
+        checks.only_keys(obj, STATUS_KEYS, what)
+        state = obj.get("state")
+        if state not in ("online", "offline"):
+            raise WireError("malformed", f"status state {str(state)[:20]!r}")
+        telemetry = obj.get("telemetry")
+        if telemetry is not None:
+            if not isinstance(telemetry, dict):
+                raise WireError("malformed", "telemetry in a status must be an object")
+            telemetry = Telemetry.from_dict(telemetry)
+        return cls(
+            state=state,
+            agent_version=checks.text(obj, "agent_version", what, 64, token=True),
+            capabilities=capabilities_from(obj.get("capabilities", {})),
+            telemetry=telemetry,
+            serving=checks.optional_count(obj, "serving", what),
+            serving_accuracy=checks.optional_number(obj, "serving_accuracy", what, 0.0, 1.0),
+            serving_seq=checks.optional_count(obj, "serving_seq", what),
+            previous_accuracy=checks.optional_number(obj, "previous_accuracy", what, 0.0, 1.0),
+            ts=checks.number(obj, "ts", what, 0.0, MAX_TIME) if "ts" in obj else 0.0,
+        )
+
+
+STATUS_KEYS = frozenset(
+    {"v", "state", "agent_version", "capabilities", "telemetry", "serving", "serving_accuracy",
+     "serving_seq", "previous_accuracy", "ts"}
+)
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """What a device draws, for energy estimates; carried in its birth as capabilities.power."""
+
+    compute_w: float  # while training
+    radio_w: float  # while uploading
+    battery_wh: float  # battery capacity (what turns joules into battery percent)
+
+    @classmethod
+    def from_capabilities(cls, capabilities: Mapping[str, Any]) -> PowerModel | None:
+        """The power model in a birth's capabilities; None if there is none; WireError if bad."""
+        obj = capabilities.get("power")
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise WireError("malformed", "capabilities.power must be an object")
+        what = "power model"
+        return cls(
+            compute_w=checks.number(obj, "compute_w", what, 0.0, 10_000.0),
+            radio_w=checks.number(obj, "radio_w", what, 0.0, 10_000.0),
+            battery_wh=checks.number(obj, "battery_wh", what, 1e-6, 1e6),
+        )
+
+
+def _codec_names(obj: Mapping[str, Any], key: str, what: str) -> list[str]:
+    names = obj[key]
+    if not isinstance(names, list) or len(names) > MAX_CODECS:
+        raise WireError("malformed", f"{what}: {key!r} must be a list of at most {MAX_CODECS}")
+    return [checks.name({"codec": n}, "codec", what) for n in names]
+
+
+# A birth's capabilities, key by key: what each must be. The registry keeps them and checkpoints
+# them, so nothing else gets in (a number beyond 64 bits once stopped every checkpoint).
+CAPABILITIES: dict[str, Any] = {
+    "cpu_count": lambda o, k, w: checks.count(o, k, w, 1, 1 << 16),
+    "mem_total_mb": lambda o, k, w: checks.count(o, k, w, 0, 1 << 40),
+    "machine": lambda o, k, w: checks.text(o, k, w, 32, token=True),
+    "python": lambda o, k, w: checks.text(o, k, w, 32, token=True),
+    "samples": lambda o, k, w: checks.count(o, k, w, 0, MAX_SAMPLES),
+    "model": lambda o, k, w: checks.name(o, k, w),
+    "codecs": _codec_names,
+    "power": lambda o, k, w: asdict(PowerModel.from_capabilities(o)),
+    "simulated": lambda o, k, w: checks.flag(o, k, w, False),
+    "charge_w": lambda o, k, w: checks.number(o, k, w, 0.0, 10_000.0),
+    # false: a serve-only device (no torch), which the scheduler never asks to train
+    "trains": lambda o, k, w: checks.flag(o, k, w, True),
+}
+
+
+def capabilities_from(obj: Any) -> dict[str, Any]:
+    """A birth's capabilities, every key known and every value within its bounds."""
+    what = "capabilities"
+    if not isinstance(obj, dict):
+        raise WireError("malformed", f"{what} must be an object")
+    checks.only_keys(obj, frozenset(CAPABILITIES), what)
+    return {key: CAPABILITIES[key](obj, key, what) for key in obj if obj[key] is not None}
+
+
+@dataclass
+class AggregatorStatus:
+    """Retained on aggregator/status: alive or not, and where the training stands."""
+
+    state: str  # "online" | "offline" | "finished"
+    round: int = 0
+    model_version: int = 0
+    reported: int = 0
+    expected: int = 0
+    accuracy: float | None = None
+    # devices cut off at the broker (aggregator/guard.py), for operators
+    quarantined: list[str] = field(default_factory=list)
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return checks.dump_json({"v": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> AggregatorStatus:
+        what = "aggregator status"
+        obj = checks.read_json(payload, what)
+        state = obj.get("state")
+        if state not in ("online", "offline", "finished"):
+            raise WireError("malformed", f"aggregator state {str(state)[:20]!r}")
+        return cls(
+            state=state,
+            round=checks.count(obj, "round", what) if "round" in obj else 0,
+            model_version=checks.count(obj, "model_version", what) if "model_version" in obj else 0,
+            reported=checks.count(obj, "reported", what) if "reported" in obj else 0,
+            expected=checks.count(obj, "expected", what) if "expected" in obj else 0,
+            accuracy=checks.optional_number(obj, "accuracy", what, 0.0, 1.0),
+            quarantined=checks.device_ids(obj, "quarantined", what),
+            ts=checks.number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
+        )
+
+
+REPLY_FORMAT = "edgefl.reply"
+REPLY_KINDS = ("declined", "late", "superseded")
+MAX_REASON = 200
+
+
+@dataclass
+class Reply:
+    """A device's answer to a task when it sends no update, on its reply topic (JSON).
+
+    ``declined``: it refused the work before starting (``reason`` says why: its battery, say);
+    ``late``: it gave up at the task's deadline; ``superseded``: a newer task arrived while it
+    worked. ``metrics`` hold what the work cost so far (cpu_s, train_s, samples_seen, and the
+    battery level), so energy and speed are accounted for even when no update comes.
+    """
+
+    device_id: str
+    round: int
+    kind: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> bytes:
+        return checks.dump_json(
+            {
+                "fmt": REPLY_FORMAT,
+                "v": FORMAT_VERSION,
+                "device": self.device_id,
+                "round": self.round,
+                "kind": self.kind,
+                "reason": self.reason[:MAX_REASON],
+                "metrics": self.metrics,
+                "ts": self.ts,
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, topic_device_id: str) -> Reply:
+        what = "reply"
+        obj = checks.read_json(payload, what, REPLY_FORMAT)
+        device_id = checks.name(obj, "device", what)
+        if device_id != topic_device_id:
+            raise WireError(
+                "device_mismatch",
+                f"reply says device {device_id!r}, topic says {topic_device_id!r}",
+            )
+        kind = obj.get("kind")
+        if kind not in REPLY_KINDS:
+            raise WireError("malformed", f"reply kind {str(kind)[:40]!r}")
+        return cls(
+            device_id=device_id,
+            round=checks.count(obj, "round", what, 0, MAX_COUNT),
+            kind=kind,
+            reason=checks.text(obj, "reason", what, MAX_REASON),
+            metrics=checks.metrics(obj.get("metrics", {}), what),
+            ts=checks.number(obj, "ts", what, 0.0, MAX_TIME) if "ts" in obj else 0.0,
+        )
