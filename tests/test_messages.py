@@ -225,7 +225,20 @@ def test_make_codec_by_name_and_spec():
     assert isinstance(make_codec("fp16"), DenseFp16Codec)
     assert isinstance(make_codec({"name": "dense_fp32"}), DenseCodec)
     for name, cls in CODECS.items():
-        assert make_codec(cls().spec()).spec() == {"name": name}
+        spec = cls().spec()
+        assert spec == {"name": name} | {p: getattr(cls(), p) for p in cls.PARAMS}
+        assert make_codec(spec, complete=True).spec() == spec
+
+
+def test_a_codec_from_the_wire_must_give_every_parameter():
+    spec = make_codec({"name": "topk", "fraction": 0.02}).spec()
+    assert spec["fraction"] == 0.02 and "bits" in spec and "zstd" in spec  # defaults written out
+    for param in ("fraction", "bits", "zstd"):
+        partial = {k: v for k, v in spec.items() if k != param}
+        make_codec(partial)  # configuration may leave it to the defaults ...
+        with pytest.raises(WireError, match=param) as info:
+            make_codec(partial, complete=True)  # ... a task or model from the wire may not
+        assert info.value.reason == "codec"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,15 +826,25 @@ def test_task_round_trip():
     assert Task.from_payload(sent.to_payload()) == sent
 
 
-def test_task_without_max_steps_has_no_cap():
+@pytest.mark.parametrize("field", ["max_steps", "prox_mu", "codec"])
+def test_a_task_gives_every_field(field):
+    # a task means what its sender meant: no field is left to the receiver's defaults
     obj = json.loads(make_task().to_payload())
-    del obj["max_steps"]
-    assert Task.from_payload(json.dumps(obj).encode()).max_steps == 0
+    del obj[field]
+    with pytest.raises(WireError):
+        Task.from_payload(json.dumps(obj).encode())
+
+
+def test_a_task_writes_out_its_codecs_defaults():
+    obj = json.loads(make_task(codec={"name": "topk", "fraction": 0.02}).to_payload())
+    assert obj["codec"] == make_codec({"name": "topk", "fraction": 0.02}).spec()
+    assert {"bits", "block", "momentum", "zstd"} <= set(obj["codec"])
 
 
 def test_task_payload_is_readable_json():
     obj = json.loads(make_task().to_payload())
-    assert obj["v"] == FORMAT_VERSION and obj["round"] == 4 and obj["codec"] == {"name": "fp16"}
+    assert obj["v"] == FORMAT_VERSION and obj["round"] == 4
+    assert obj["codec"] == {"name": "fp16", "zstd": True}
 
 
 @pytest.mark.parametrize(
@@ -835,9 +858,9 @@ def test_task_with_an_unknown_codec():
     json_rejected(Task, edit_json(make_task().to_payload(), codec={"name": "zstd"}), "codec")
 
 
-def test_task_with_a_codec_given_by_name():
-    got = Task.from_payload(edit_json(make_task().to_payload(), codec="fp16"))
-    assert got.codec == {"name": "fp16"}
+def test_a_task_with_a_codec_given_by_name_alone_is_refused():
+    # the parameters would be the receiver's defaults, not necessarily the sender's
+    json_rejected(Task, edit_json(make_task().to_payload(), codec="fp16"), "codec")
 
 
 @pytest.mark.parametrize(

@@ -61,8 +61,11 @@ CODECS: dict[str, type[Codec]] = {
 CODECS_BY_WIRE_ID: dict[int, type[Codec]] = {c.wire_id: c for c in CODECS.values()}
 
 
-def make_codec(spec: Mapping[str, Any] | str) -> Codec:
-    """The codec a spec names (``{"name": ..., **params}``); WireError if unknown or invalid."""
+def make_codec(spec: Mapping[str, Any] | str, *, complete: bool = False) -> Codec:
+    """The codec a spec names (``{"name": ..., **params}``); WireError if unknown or invalid.
+
+    A spec from configuration may leave parameters out (their defaults are the ``[codec]``
+    table's); one from the wire (``complete``) must give every parameter the codec takes."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
@@ -74,6 +77,9 @@ def make_codec(spec: Mapping[str, Any] | str) -> Codec:
     params = {k: v for k, v in spec.items() if k != "name"}
     if not all(isinstance(k, str) for k in params):
         raise WireError("codec", f"bad parameters for codec {name!r}: names must be strings")
+    missing = [p for p in cls.PARAMS if p not in params] if complete else []
+    if missing:
+        raise WireError("codec", f"codec {name!r} without {', '.join(missing)}")
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:

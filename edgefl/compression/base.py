@@ -56,10 +56,10 @@ class Codec(ABC):
         self.zstd = zstd
 
     def spec(self) -> dict[str, Any]:
-        """The codec's name and the parameters that differ from their defaults, as carried in
-        tasks and model messages; :func:`make_codec` fills in the rest."""
-        params = {p: getattr(self, p) for p in self.PARAMS}
-        return {"name": self.name} | {p: v for p, v in params.items() if v != getattr(DEFAULTS, p)}
+        """The codec's name and every parameter it takes, as carried in tasks and model
+        messages: what a receiver builds must not depend on its own defaults, which may not be
+        the sender's (``make_codec(..., complete=True)`` insists on all of them)."""
+        return {"name": self.name} | {p: getattr(self, p) for p in self.PARAMS}
 
     @abstractmethod
     def encode(self, tensors: Mapping[str, np.ndarray]) -> Any: ...

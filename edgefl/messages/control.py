@@ -31,6 +31,11 @@ class Task:
     issued: float = field(default_factory=time.time)
     prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
 
+    def __post_init__(self) -> None:
+        # the codec with every parameter written out (a spec from configuration may leave some
+        # to the defaults): what goes on the wire must not depend on the receiver's defaults
+        self.codec = make_codec(self.codec).spec()
+
     def to_payload(self) -> bytes:
         # field by field, not asdict (a deep copy): one task per participant per round
         return checks.dump_json(
@@ -42,7 +47,8 @@ class Task:
         what = "task"
         obj = checks.read_json(payload, what)
         codec = obj.get("codec")
-        make_codec(codec)  # refuse a codec this build cannot produce
+        # refuse a codec this build cannot produce, or one whose parameters are not all given
+        make_codec(codec, complete=True)
         return cls(
             round=checks.count(obj, "round", what),
             base_version=checks.count(obj, "base_version", what),
@@ -51,11 +57,11 @@ class Task:
             lr=checks.number(obj, "lr", what, 0.0, 100.0),
             codec=checks.codec_spec(codec),
             deadline=checks.number(obj, "deadline", what, 0.0),
-            max_steps=checks.count(obj, "max_steps", what, 0, 10_000_000)
-            if "max_steps" in obj
-            else 0,
+            # every field, always: a task means what its sender meant, whatever the receiver's
+            # defaults
+            max_steps=checks.count(obj, "max_steps", what, 0, 10_000_000),
             issued=checks.number(obj, "issued", what, 0.0),
-            prox_mu=checks.number(obj, "prox_mu", what, 0.0, 100.0) if "prox_mu" in obj else 0.0,
+            prox_mu=checks.number(obj, "prox_mu", what, 0.0, 100.0),
         )
 
 

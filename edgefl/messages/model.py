@@ -71,7 +71,7 @@ def decode_model(
     deltas = obj.get("deltas", False)
     if not isinstance(deltas, bool):
         raise WireError("malformed", f"{what}: 'deltas' must be true or false")
-    codec = make_codec(obj.get("codec"))
+    codec = make_codec(obj.get("codec"), complete=True)
     records = checks.unpack_any(body, max_bytes)
     if not isinstance(records, (list, bytes)):  # records, or one packed payload
         raise WireError("malformed", "model body is not a list of tensors")
@@ -148,7 +148,7 @@ def decode_model_delta(
     if len(target) != 64 or any(c not in "0123456789abcdef" for c in target):
         raise WireError("malformed", f"{what}: 'target' is not a SHA-256 in hex")
     codec_spec = obj.get("codec")
-    codec = make_codec(codec_spec)
+    codec = make_codec(codec_spec, complete=True)
     delta = codec.decode(obj.get("body"), spec)
     return ModelDelta(
         version,
