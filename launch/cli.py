@@ -253,6 +253,16 @@ def _admin_broker(cfg: AggregatorConfig, secret: str) -> BrokerConfig:
     return dataclasses.replace(cfg.broker, username="admin", password=password)
 
 
+def _admin_secret_argument(parser: argparse.ArgumentParser) -> None:
+    """The operators' tools log in as the broker's admin account (never as the aggregator,
+    whose connection and session they would take over)."""
+    parser.add_argument(
+        "--admin-secret",
+        required=True,
+        help="the admin account's password file (admin.secret in the broker's directory)",
+    )
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from aggregator.deploy import rollback_command
 
@@ -418,11 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--config", required=True, help="the aggregator's TOML")
     rb.add_argument("--to", type=int, help="this model version instead of the previous one")
     rb.add_argument("--variant", choices=["fp32", "int8"])
-    rb.add_argument(
-        "--admin-secret",
-        required=True,
-        help="the admin account's password file (admin.secret in the broker's directory)",
-    )
+    _admin_secret_argument(rb)
     rb.set_defaults(func=cmd_rollback)
 
     ra = sub.add_parser(
@@ -430,11 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
     ra.add_argument("--config", required=True, help="the aggregator's TOML (broker address)")
-    ra.add_argument(
-        "--admin-secret",
-        required=True,
-        help="the admin account's password file (admin.secret in the broker's directory)",
-    )
+    _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
