@@ -99,7 +99,7 @@ def resource_metrics(
         workloads[device_id] = {
             "steps": w.steps,
             "batch_size": w.batch_size,
-            "codec": w.codec.get("name"),
+            "codec": w.codec.name,
             "predicted_s": w.predicted_s,
             "probe": w.probe,
         }

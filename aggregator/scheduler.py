@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.registry import DEFAULT_POWER, DeviceRecord, DeviceRegistry
-from edgefl.compression import ModelSpec, WireError, codec_from_config, make_codec
+from edgefl.compression import Codec, ModelSpec, WireError, codec_from_config, make_codec
 from edgefl.config import AggregatorConfig, ConfigError
 from edgefl.messages import Task, Update, encode_compact_update
 from edgefl.training import local_steps, samples_for_steps
@@ -67,7 +67,7 @@ class Workload:
 
     steps: int  # local SGD steps, of batch_size samples each
     epochs: int  # enough epochs to hold them; the task caps the steps
-    codec: dict[str, Any]
+    codec: Codec
     batch_size: int
     predicted_s: float | None = None  # task to update; None while its speed is unknown
     energy_j: float | None = None
@@ -123,14 +123,17 @@ class Scheduler:
             raise ConfigError("rounds.overcommit must be >= 0")
         if sc.min_batch_size < 1 or not 0.0 < sc.memory_share <= 1.0:
             raise ConfigError("schedule.min_batch_size must be >= 1, memory_share in (0, 1]")
-        self.codecs: list[dict[str, Any]] = []
-        for c in sc.codecs or [codec_from_config(cfg.codec).spec()]:
+        # every codec built once, here, from configuration: tasks carry these values
+        self.codec = codec_from_config(cfg.codec)
+        self.codecs: list[Codec] = []
+        for c in sc.codecs:
             try:
-                self.codecs.append(make_codec(c).spec())
+                self.codecs.append(make_codec(c))
             except WireError as e:
                 raise ConfigError(f"schedule.codecs: {e}") from None
+        self.codecs = self.codecs or [self.codec]
         self._spec = spec
-        self._bytes: dict[str, int] = {}
+        self._bytes: dict[Codec, int] = {}
 
     # -- eligibility ------------------------------------------------------------------------------
 
@@ -190,8 +193,7 @@ class Scheduler:
             rng = random.Random(self.cfg.seed * 100_003 + number)
             chosen = sorted(rng.sample(chosen, want))
         deadline = time.time() + rc.deadline_s
-        codec = codec_from_config(self.cfg.codec).spec()
-        task = self._task(number, base_version, tc.epochs, 0, codec, deadline, tc.batch_size)
+        task = self._task(number, base_version, tc.epochs, 0, self.codec, deadline, tc.batch_size)
         by_id = {r.device_id: r for r in records}
         caps = {d: local_steps(by_id[d].samples or 0, tc.epochs, tc.batch_size) for d in chosen}
         enough = self._enough(len(chosen))
@@ -366,7 +368,7 @@ class Scheduler:
         return min(float(np.quantile(times, sc.budget_quantile)), cap)
 
     def _predict(
-        self, r: DeviceRecord, steps: int, codec: dict[str, Any], batch_size: int
+        self, r: DeviceRecord, steps: int, codec: Codec, batch_size: int
     ) -> float | None:
         """Seconds from task to update for ``steps`` local steps of ``batch_size``; None if its
         speed is unknown. Throughput is in samples/s, so a smaller batch (more steps for the
@@ -393,7 +395,7 @@ class Scheduler:
         known = [r.throughput_sps for r in self.registry.online() if r.throughput_sps]
         return min(known) if known else None
 
-    def _codec_for(self, r: DeviceRecord, budget: float) -> dict[str, Any]:
+    def _codec_for(self, r: DeviceRecord, budget: float) -> Codec:
         for codec in self.codecs:
             if r.upload_s(self.payload_bytes(codec)) <= self.cfg.schedule.upload_share * budget:
                 return codec
@@ -408,11 +410,12 @@ class Scheduler:
             self._spec = model_spec(build_model(self.cfg.model.name))
         return self._spec
 
-    def payload_bytes(self, codec: dict[str, Any]) -> int:
-        """Size of an update envelope with ``codec``, measured on a random delta once: the
-        compact envelope devices send (device/updates.py), with the metrics they report."""
-        key = repr(sorted(codec.items()))
-        if key not in self._bytes:
+    def payload_bytes(self, codec: Codec | dict[str, Any]) -> int:
+        """Size of an update envelope with ``codec`` (or a spec of one), measured on a random
+        delta once: the compact envelope devices send (device/updates.py), with the metrics
+        they report."""
+        codec = codec if isinstance(codec, Codec) else make_codec(codec)
+        if codec not in self._bytes:
             rng = np.random.default_rng(0)
             delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self.spec.items()}
             now = time.time()
@@ -420,9 +423,9 @@ class Scheduler:
                        "samples_seen": 1000.0, "t_task": now, "t_start": now, "t_end": now + 1,
                        "battery_pct": 50.0, "charging": 0.0}
             update = Update("x", 1, 0, 1, delta, metrics)
-            payload = encode_compact_update(update, make_codec(codec), self.spec)
-            self._bytes[key] = len(payload)
-        return self._bytes[key]
+            payload = encode_compact_update(update, codec, self.spec)
+            self._bytes[codec] = len(payload)
+        return self._bytes[codec]
 
     def _rank(self, records: list[DeviceRecord]) -> list[DeviceRecord]:
         """Fairness first (fewest rounds so far), then reliability, then battery headroom."""
@@ -442,7 +445,7 @@ class Scheduler:
         base_version: int,
         epochs: int,
         max_steps: int,
-        codec: dict[str, Any],
+        codec: Codec,
         deadline: float,
         batch_size: int,
     ) -> Task:

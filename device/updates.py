@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefl.compression import PackedCodec, flatten, make_codec, unflatten
+from edgefl.compression import PackedCodec, flatten, unflatten
 from edgefl.error_feedback import FILE_NAME, ErrorFeedback
 from edgefl.messages import GlobalModel, Task, Update, encode_compact_update
 
@@ -35,7 +35,7 @@ class UpdateEncoder:
         num_samples: int,
         metrics: dict[str, float],
     ) -> bytes:
-        codec = make_codec(task.codec)
+        codec = task.codec
         spec = {k: tuple(np.shape(v)) for k, v in base.weights.items()}
         if self.feedback is None or self.feedback.spec != spec:
             self.feedback = ErrorFeedback(self.state_dir / FILE_NAME, spec)

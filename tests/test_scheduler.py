@@ -183,7 +183,7 @@ def test_task_carries_the_proximal_term():
     task = Task(1, 0, 2, 32, 0.1, {"name": "fp16"}, time.time() + 5, max_steps=7, prox_mu=0.01)
     got = Task.from_payload(task.to_payload())
     assert (got.max_steps, got.prox_mu, got.codec) == (7, 0.01, task.codec)
-    assert got.codec["name"] == "fp16"
+    assert got.codec.name == "fp16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,8 +361,8 @@ def test_slow_links_get_the_more_compressed_codec():
     spec = {"w": (100, 100)}
     sched = _scheduler(reg, spec, codecs=["dense_fp32", "fp16"], budget_s=1.0, upload_share=0.25)
     plan = sched.plan(1, 0)
-    assert plan.tasks["fiber"].codec["name"] == "dense_fp32"
-    assert plan.tasks["modem"].codec["name"] == "fp16"
+    assert plan.tasks["fiber"].codec.name == "dense_fp32"
+    assert plan.tasks["modem"].codec.name == "fp16"
     assert sched.payload_bytes({"name": "fp16"}) < sched.payload_bytes({"name": "dense_fp32"})
     # the upload's time comes out of the modem's compute time: about 425 samples, not 500
     assert (plan.step_caps["modem"], plan.step_caps["fiber"]) == (16, 20)

@@ -61,6 +61,17 @@ class Codec(ABC):
         the sender's (``make_codec(..., complete=True)`` insists on all of them)."""
         return {"name": self.name} | {p: getattr(self, p) for p in self.PARAMS}
 
+    # a codec is its name and parameters (it holds no other state): two with the same spec are
+    # the same codec, wherever they were built
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.spec() == other.spec()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.spec().items())))
+
+    def __repr__(self) -> str:
+        return f"<codec {self.spec()}>"
+
     @abstractmethod
     def encode(self, tensors: Mapping[str, np.ndarray]) -> Any: ...
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from edgefl.compression import WireError, make_codec
+from edgefl.compression import Codec, WireError, make_codec
 from edgefl.messages import checks
 from edgefl.messages.checks import FORMAT_VERSION, MAX_COUNT, MAX_SAMPLES, MAX_TIME
 
@@ -25,37 +25,40 @@ class Task:
     epochs: int
     batch_size: int
     lr: float
-    codec: dict[str, Any]
+    # the codec the update must be encoded with: one typed value, built once on each side (from
+    # configuration on the aggregator, from the task on the device), carried with every
+    # parameter written out; a spec (a dict or a name) given here is built into one
+    codec: Codec
     deadline: float  # unix time by which the update must have arrived
     max_steps: int = 0  # 0 = no cap beyond the epochs
     issued: float = field(default_factory=time.time)
     prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
 
     def __post_init__(self) -> None:
-        # the codec with every parameter written out (a spec from configuration may leave some
-        # to the defaults): what goes on the wire must not depend on the receiver's defaults
-        self.codec = make_codec(self.codec).spec()
+        if not isinstance(self.codec, Codec):
+            self.codec = make_codec(self.codec)
 
     def to_payload(self) -> bytes:
-        # field by field, not asdict (a deep copy): one task per participant per round
-        return checks.dump_json(
-            {"v": FORMAT_VERSION, **{k: getattr(self, k) for k in _TASK_FIELDS}}
-        )
+        # field by field, not asdict (a deep copy): one task per participant per round; the
+        # codec with every parameter written out, so that it does not depend on the receiver's
+        # defaults
+        fields = {k: getattr(self, k) for k in _TASK_FIELDS}
+        fields["codec"] = self.codec.spec()
+        return checks.dump_json({"v": FORMAT_VERSION, **fields})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Task:
         what = "task"
         obj = checks.read_json(payload, what)
-        codec = obj.get("codec")
         # refuse a codec this build cannot produce, or one whose parameters are not all given
-        make_codec(codec, complete=True)
+        codec = make_codec(obj.get("codec"), complete=True)
         return cls(
             round=checks.count(obj, "round", what),
             base_version=checks.count(obj, "base_version", what),
             epochs=checks.count(obj, "epochs", what, 0, 1000),
             batch_size=checks.count(obj, "batch_size", what, 1, 1 << 16),
             lr=checks.number(obj, "lr", what, 0.0, 100.0),
-            codec=checks.codec_spec(codec),
+            codec=codec,
             deadline=checks.number(obj, "deadline", what, 0.0),
             # every field, always: a task means what its sender meant, whatever the receiver's
             # defaults
