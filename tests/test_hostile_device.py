@@ -193,3 +193,24 @@ def test_a_device_quarantined_by_mistake_comes_back_once_readmitted(make_fleet) 
         wait_until(lambda: agg.registry.is_online("dev-0"), what="it to count as online again")
         assert "dev-0" not in agg.guard.quarantined
         assert [m.reported for m in agg.run(rounds=1)] == [1]
+
+
+def test_a_quarantine_survives_a_broker_restart(make_fleet) -> None:
+    fleet = make_fleet(devices=1)
+    fleet.start_agent(0)
+    agg = fleet.aggregator()
+    hostile = fleet.broker.device_account("dev-9")
+    admin = fleet.broker.broker_config(fleet.broker.admin)
+    with agg:
+        agg.guard.quarantine("dev-9", "a test")
+        wait_until(
+            lambda: not mqtt_login_ok(fleet.broker.host, fleet.broker.port, "dev-9",
+                                      hostile.password),
+            what="the broker to refuse it",
+        )
+    fleet.broker.restart()
+    # the plugin's file holds the quarantine: still refused, until an operator lifts it
+    assert not mqtt_login_ok(fleet.broker.host, fleet.broker.port, "dev-9", hostile.password)
+    assert "dev-9" in dynsec.quarantined(dynsec.send(admin, dynsec.list_clients())[0])
+    dynsec.send(admin, dynsec.readmit("dev-9"))
+    assert mqtt_login_ok(fleet.broker.host, fleet.broker.port, "dev-9", hostile.password)
