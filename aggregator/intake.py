@@ -22,6 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -35,6 +36,8 @@ from edgefl.messages import Reply, Status, Telemetry, decode_update
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Intake:
@@ -81,30 +84,36 @@ class Intake:
 
     # -- status and telemetry -----------------------------------------------------------------
 
-    def status(self, topic: str, payload: bytes) -> None:
-        device_id = self._admitted(topic, "status")
-        if device_id is None or not payload:  # an empty payload clears a retained status
-            return
+    def _decoded(self, topic: str, payload: bytes, kind: str, decode: Callable[[bytes], T]
+                  ) -> tuple[str, T] | None:
+        """The sending device and its message, once admitted and decoded; None (rejected and
+        counted where it is the device's doing) otherwise."""
+        device_id = self._admitted(topic, kind)
+        if device_id is None:
+            return None
         try:
-            status = Status.from_payload(payload)
+            return device_id, decode(payload)
         except WireError as e:
-            self.guard.reject(device_id, "status", e.reason, e.detail)
+            self.guard.reject(device_id, kind, e.reason, e.detail)
+            return None
+
+    def status(self, topic: str, payload: bytes) -> None:
+        # an empty payload clears a retained status: admitted (it counts), nothing to keep
+        got = self._decoded(
+            topic, payload, "status", lambda p: Status.from_payload(p) if p else None
+        )
+        if got is None or got[1] is None:
             return
+        device_id, status = got
         self.registry.on_status(device_id, status)
         if status.state == "offline":
             log.info("device %s is offline", device_id)
             self._on_change()
 
     def telemetry(self, topic: str, payload: bytes) -> None:
-        device_id = self._admitted(topic, "telemetry")
-        if device_id is None:
-            return
-        try:
-            telemetry = Telemetry.from_payload(payload)
-        except WireError as e:
-            self.guard.reject(device_id, "telemetry", e.reason, e.detail)
-            return
-        self.registry.on_telemetry(device_id, telemetry)
+        got = self._decoded(topic, payload, "telemetry", Telemetry.from_payload)
+        if got is not None:
+            self.registry.on_telemetry(*got)
 
     # -- updates and replies --------------------------------------------------------------------
 
@@ -180,15 +189,14 @@ class Intake:
 
     def reply(self, topic: str, payload: bytes) -> None:
         """A device says it sends no update for a task: declined, late, or superseded."""
-        device_id = self._admitted(topic, "reply")
-        if device_id is None:
+        device_id = self._device_of(topic)
+        got = self._decoded(
+            topic, payload, "reply", lambda p: Reply.from_payload(p, topic_device_id=device_id)
+        )
+        if got is None:
             return
+        device_id, reply = got
         rnd = self._current_round()
-        try:
-            reply = Reply.from_payload(payload, topic_device_id=device_id)
-        except WireError as e:
-            self.guard.reject(device_id, "reply", e.reason, e.detail)
-            return
         # what the work cost counts, and tells its speed, even when the round is over
         energy = self.registry.on_work(device_id, reply.metrics, completed=False)
         if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):

@@ -130,7 +130,6 @@ class Aggregator:
         )
         self.link.subscribe(self.topics.all_devices("status"), self.intake.status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self.intake.telemetry, qos=0)
-        # an update is acknowledged to the broker only once its round is checkpointed
         self.link.subscribe(self.topics.all_devices("update"), self.intake.update, defer_ack=True)
         self.link.subscribe(self.topics.all_devices("reply"), self.intake.reply)
         self.link.subscribe(dynsec.RESPONSE_TOPIC, self._on_dynsec_response, qos=0)

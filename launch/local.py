@@ -221,7 +221,7 @@ def run_local(
         aggregator = _spawn(agg_cmd, env, logs / "aggregator.out")
         marks["processes_started_s"] = time.perf_counter() - t0
 
-        live = LocalRun(broker, run_dir, agg_path, aggregator.pid, procs)
+        live = LocalRun(broker, run_dir, aggregator.pid)
         done_during = threading.Event()
 
         def run_during() -> None:
@@ -308,9 +308,7 @@ class LocalRun:
 
     broker: Any  # broker.PrivateBroker
     run_dir: Path
-    aggregator_config: Path
     aggregator_pid: int
-    device_processes: list[tuple[str, subprocess.Popen]]
     round: int = 0  # the aggregator's current round, from its retained status
 
 
