@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+from edgefl.compression.indices import varint
 from edgefl.config import BrokerConfig, ConfigError, check_name
 
 from .credentials import (
@@ -487,7 +488,7 @@ def mqtt_login_ok(
     # Protocol "MQTT" level 4; flags: username, password, clean session; keepalive 10 s.
     body = field("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 10)
     body += field(client_id) + field(username) + field(password)
-    packet = bytes([0x10]) + _varint(len(body)) + body
+    packet = bytes([0x10]) + varint(len(body)) + body
     with socket.create_connection((host, port), timeout=timeout_s) as s:
         s.sendall(packet)
         connack = _recv_exactly(s, 4)
@@ -495,15 +496,6 @@ def mqtt_login_ok(
         if accepted:
             s.sendall(b"\xe0\x00")  # DISCONNECT, so no Last Will and a clean log line
         return accepted
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _recv_exactly(s: socket.socket, n: int) -> bytes:

@@ -38,6 +38,19 @@ def gaps(idx: np.ndarray) -> np.ndarray:
 # encoding
 
 
+def varint(value: int) -> bytes:
+    """One unsigned integer as a LEB128 varint: 7 bits a byte, low first, the top bit set on
+    every byte but the last (MessagePack-free counts in the packed payload and the update's
+    metrics, and MQTT's remaining length, use the same)."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def _varint_bytes(values: np.ndarray) -> bytes:
     values = values.astype(np.uint64)
     if len(values) == 0:

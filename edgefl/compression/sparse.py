@@ -64,16 +64,6 @@ _RESERVED = 0xC0
 # the packed format
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _read_varint(buf: bytes, pos: int, what: str, limit: int) -> tuple[int, int]:
     value = shift = 0
     for i in range(10):
@@ -109,14 +99,14 @@ def pack_values(
         flags = _VALUE_CODES[bits] | coding << 3
         body = values.astype(dtype).tobytes()
         sent = values.astype(dtype).astype(np.float32)
-        return bytes([flags]) + _varint(k) + index_bytes + body, sent
+        return bytes([flags]) + indices.varint(k) + index_bytes + body, sent
     starts = quantize.group_starts(idx, block, tensor_offsets)
     scales, fp32 = quantize.scales_for(values, starts)
     codes = quantize.quantize(values, starts, scales, bits, rng)
     flags = _VALUE_CODES[bits] | coding << 3 | (_FP32_SCALES if fp32 else 0)
     scale_bytes = scales.astype("<f4" if fp32 else "<f2").tobytes()
     sent = quantize.dequantize(codes, starts, scales, bits)
-    head = bytes([flags]) + _varint(k) + _varint(block)
+    head = bytes([flags]) + indices.varint(k) + indices.varint(block)
     return head + index_bytes + scale_bytes + quantize.pack(codes, bits), sent
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from edgefl.compression import CODECS_BY_WIRE_ID, Codec, ModelSpec, WireError, spec_tag
 from edgefl.compression.frame import compress_if_smaller, decompress
+from edgefl.compression.indices import varint
 from edgefl.messages import checks
 from edgefl.messages.checks import FORMAT_VERSION, MAX_METRICS
 
@@ -162,22 +163,13 @@ def decode_update(
 # metrics by the table
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
 def _pack_metric(value: float, wire: str, t0_ms: int | None) -> bytes | None:
     """``value`` in its wire type, or None if that type cannot hold it."""
     if not math.isfinite(value):
         return None
     if wire == "uint":
         ok = value == int(value) and 0 <= value <= 2**53
-        return _varint(int(value)) if ok else None
+        return varint(int(value)) if ok else None
     if wire == "time":
         if t0_ms is None:
             return None
