@@ -14,6 +14,12 @@ with its own MQTT connection and state: that is how the local launcher simulates
 A device without torch (a serve-only install, see device/install.sh) runs the same agent: it
 serves the deployed ONNX model, says ``trains: false`` in its birth so that the scheduler leaves
 it out, and declines any task it is sent. torch is imported only where training needs it.
+
+One module, about 530 lines: the agent's state (the model it holds, the task in hand, its
+cancellation, the battery it spends) is shared by the network thread, the training worker and
+the telemetry thread under one lock; splitting it would spread that lock's rules over modules.
+What does not touch that state lives beside it (model_sync, updates, deployment, telemetry,
+profiles).
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from paho.mqtt.client import MQTTMessageInfo
 
 from device import inference
 from device.deployment import DeploymentClient
@@ -53,10 +58,6 @@ from edgefl.mqtt import MqttLink, Will
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
-
-# how long to wait for an update's PUBACK to time the uplink; a link slower than this for one
-# update gives no sample (and the scheduler will have given up on it anyway)
-UPLOAD_WATCH_S = 600.0
 
 
 def missing_torch() -> str | None:
@@ -392,10 +393,16 @@ class DeviceAgent:
             self._reply(task, "late", "finished after the deadline", {"cpu_s": cpu_s})
             return
         self.encoder.commit()  # its error feedback is now the device's (device/updates.py)
-        sent_at, connects = time.monotonic(), self.link.connects
-        info = self.link.publish(self.topics.update(self.id), payload, qos=1)
-        if self.hardware.measures_link:
-            self._time_upload(info, len(payload), sent_at, connects)
+        # a real device times its update until the PUBACK, for its uplink estimate
+        nbytes = len(payload)
+        self.link.publish(
+            self.topics.update(self.id),
+            payload,
+            qos=1,
+            on_acked=(lambda s: self.hardware.observe_upload(nbytes, s))
+            if self.hardware.measures_link
+            else None,
+        )
         self.stats.updates_sent += 1
         self.stats.train_seconds += train_s
         log.debug(
@@ -493,27 +500,6 @@ class DeviceAgent:
             )
             return False
         return True
-
-    def _time_upload(
-        self, info: MQTTMessageInfo, nbytes: int, sent_at: float, connects: int
-    ) -> None:
-        """Time a published update until its PUBACK, for the uplink estimate. A thread of its
-        own waits, so that neither the worker nor the network thread does."""
-
-        def watch() -> None:
-            give_up = sent_at + UPLOAD_WATCH_S
-            try:
-                while not info.is_published():
-                    if self._stop.is_set() or time.monotonic() > give_up:
-                        return
-                    info.wait_for_publish(timeout=0.5)
-            except (RuntimeError, ValueError):
-                return  # not sent now (the link is down): it goes later, untimed
-            if self.link.connects != connects:
-                return  # it went over a reconnect: the time says nothing about the link
-            self.hardware.observe_upload(nbytes, time.monotonic() - sent_at)
-
-        threading.Thread(target=watch, name=f"uplink-{self.id}", daemon=True).start()
 
     def _battery_metrics(self) -> dict[str, float]:
         pct, charging = self.hardware.battery()

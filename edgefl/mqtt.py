@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
 
 # stands in the pending subscriptions while the SUBSCRIBE made on connect is being sent
 SENDING = -1
+# a timed publish not acknowledged within this long is forgotten (it went over a lost session)
+ACK_WATCH_S = 600.0
+
+AckedCallback = Callable[[float], None]
 
 
 class MqttLink:
@@ -94,6 +99,11 @@ class MqttLink:
         self._subs_pending: set[int] = set()
         self._subs_early: set[int] = set()
         self._subs_settled = threading.Condition(self._lock)
+        # timed publishes (publish(on_acked=...)) waiting for their PUBACK, by packet id; acks
+        # that came while a timed publish had not yet recorded its id; how many are recording
+        self._timed: dict[int, tuple[float, int, AckedCallback]] = {}
+        self._timed_early: dict[int, float] = {}
+        self._timing = 0
         self._first_result: threading.Event = threading.Event()
         self._refused: str | None = None
         self.bytes_out: Counter[str] = Counter()
@@ -124,6 +134,7 @@ class MqttLink:
         c.on_connect = self._handle_connect
         c.on_subscribe = self._handle_subscribe
         c.on_disconnect = self._handle_disconnect
+        c.on_publish = self._handle_acked
         self._client = c
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -256,16 +267,67 @@ class MqttLink:
             self._client.unsubscribe(topic_filter)
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        on_acked: AckedCallback | None = None,
     ) -> paho.MQTTMessageInfo:
-        """Queue a message; QoS 1 messages are kept and sent once the link is back if it is down."""
+        """Queue a message; QoS 1 messages are kept and sent once the link is back if it is down.
+
+        ``on_acked(seconds)`` (QoS 1) is called from the network thread with the time from now
+        to the broker's PUBACK, if that came on the same connection: a device's uplink estimate.
+        It costs a dictionary entry, not a thread that waits."""
+        sent_at = time.monotonic()
+        if on_acked is not None:
+            with self._lock:
+                self._timing += 1
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning(
                 "%s: publish to %s failed: %s", self.client_id, topic, paho.error_string(info.rc)
             )
         self.bytes_out[_kind(topic)] += len(payload)
+        if on_acked is not None:
+            self._watch_ack(info, sent_at, on_acked)
         return info
+
+    def _watch_ack(
+        self, info: paho.MQTTMessageInfo, sent_at: float, on_acked: AckedCallback
+    ) -> None:
+        with self._lock:
+            self._timing -= 1
+            acked_at = self._timed_early.pop(info.mid, None)
+            if not self._timing:
+                self._timed_early.clear()
+            if acked_at is None and info.rc == paho.MQTT_ERR_SUCCESS:
+                # not sent now (the link is down): it goes later, untimed
+                stale = sent_at - ACK_WATCH_S
+                for mid in [m for m, (t, _, _) in self._timed.items() if t < stale]:
+                    del self._timed[mid]
+                self._timed[info.mid] = (sent_at, self.connects, on_acked)
+        if acked_at is not None:
+            self._call_acked(on_acked, acked_at - sent_at)
+
+    def _handle_acked(self, _client, _userdata, mid, reason_code, _properties) -> None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._timed.pop(mid, None)
+            if entry is None:
+                if self._timing:  # its publish() may not have recorded the id yet
+                    self._timed_early[mid] = now
+                return
+        sent_at, generation, on_acked = entry
+        if generation == self.connects and not reason_code.is_failure:
+            self._call_acked(on_acked, now - sent_at)
+
+    def _call_acked(self, on_acked: AckedCallback, seconds: float) -> None:
+        try:
+            on_acked(seconds)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s: on_acked callback failed", self.client_id)
 
     def _dispatch(self, handler, msg: paho.MQTTMessage, defer_ack: bool = False) -> None:
         client, mid, qos, generation = self._client, msg.mid, msg.qos, self.connects
@@ -314,6 +376,7 @@ class MqttLink:
             # packet ids name messages within one connection: what was pending is resent below
             self._subs_pending.clear()
             self._subs_early.clear()
+            self._timed.clear()  # resent on this connection, or lost with the session: untimed
             if subs:  # until the SUBSCRIBE below is sent and its id recorded
                 self._subs_pending.add(SENDING)
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
