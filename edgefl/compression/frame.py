@@ -9,21 +9,40 @@ stated, so a decompression bomb costs at most the limit in memory.
 
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from edgefl.compression.base import WireError
 
 LEVEL = 3
 _UNKNOWN = zstandard.CONTENTSIZE_UNKNOWN
+# A zstd context costs about as much to set up as compressing a dense update of a small model
+# takes; one per thread (a context may not be shared by threads at once), kept for the next.
+_contexts = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_contexts, "compressor", None)
+    if c is None:
+        c = _contexts.compressor = zstandard.ZstdCompressor(
+            level=LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
+        )
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_contexts, "decompressor", None)
+    if d is None:
+        d = _contexts.decompressor = zstandard.ZstdDecompressor()
+    return d
 
 
 def compress_if_smaller(body: bytes) -> bytes | None:
     """The zstd frame of ``body`` if that is shorter than ``body``, else None."""
     if len(body) < 32:  # a frame costs about 10 bytes; it cannot pay on so little
         return None
-    frame = zstandard.ZstdCompressor(
-        level=LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
-    ).compress(body)
+    frame = _compressor().compress(body)
     return frame if len(frame) < len(body) else None
 
 
@@ -40,7 +59,7 @@ def decompress(frame: bytes, max_bytes: int) -> bytes:
             "too_large", f"the zstd frame decompresses to {size} bytes, the limit is {max_bytes}"
         )
     try:
-        dobj = zstandard.ZstdDecompressor().decompressobj()
+        dobj = _decompressor().decompressobj()
         body = dobj.decompress(frame)
     except zstandard.ZstdError as e:
         raise WireError("malformed", f"zstd frame does not decompress ({e})") from None
