@@ -4,7 +4,7 @@ the figures derived from a round's result (where the time went, energy, workload
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,57 @@ class RoundMetrics:
     # devices cut off at the broker for flooding or invalid messages (aggregator/guard.py)
     quarantined: list[str] = field(default_factory=list)
 
+
+
+HISTORY = "rounds.jsonl"
+
+
+def round_metrics(
+    result: RoundResult,
+    *,
+    model_version: int,
+    applied: bool,
+    accuracy: float | None,
+    loss: float | None,
+    wall_s: float,
+    downlink_bytes: int,
+    missing: list[str],
+    quarantined: list[str],
+    **resources: Any,
+) -> RoundMetrics:
+    """A closed round's figures; ``resources`` as :func:`resource_metrics` gives them."""
+    train_s = [m.get("train_s", 0.0) for m in result.accepted.values()]
+    return RoundMetrics(
+        round=result.number,
+        model_version=model_version,
+        participants=len(result.participants),
+        reported=len(result.accepted),
+        closed_by=result.closed_by,
+        applied=applied,
+        accuracy=accuracy,
+        loss=loss,
+        wall_s=wall_s,
+        train_s_max=max(train_s, default=0.0),
+        coordination_s=wall_s - max(train_s, default=0.0),
+        uplink_bytes=result.uplink_bytes,
+        downlink_bytes=downlink_bytes,
+        samples=result.samples,
+        last_update_s=result.last_update_s,
+        compute_span_s=union_length(
+            [(m["t_start"], m["t_end"]) for m in result.accepted.values() if "t_end" in m]
+        ),
+        timeline=timeline(result),
+        rejected=dict(result.rejected),
+        missing=missing,
+        quarantined=quarantined,
+        **resources,
+    )
+
+
+def append_history(path: Path, metrics: RoundMetrics) -> None:
+    """One line of the round history (``rounds.jsonl``), which a restart reads back."""
+    with path.open("a") as f:
+        f.write(json.dumps(asdict(metrics)) + "\n")
 
 
 def read_history(path: Path, next_round: int) -> list[RoundMetrics]:

@@ -8,6 +8,10 @@ A round (docs/architecture.md, synchronous mode):
     offline; apply the server optimiser if a quorum reported, else keep the model;
  5. evaluate, log, checkpoint.
 At the end the model is exported to ONNX, checked against PyTorch, and published for deployment.
+
+One module, about 530 lines: the round loop, the close and resuming share the model, its
+version and the open round. What does not (intake, the guard, metrics, checkpoint files,
+broadcast, scheduling, rollout) lives in its own module.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,12 @@ from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
 from aggregator.intake import Intake
 from aggregator.metrics import (
+    HISTORY,
     RoundMetrics,
+    append_history,
     read_history,
     resource_metrics,
-    timeline,
-    union_length,
+    round_metrics,
 )
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_for
@@ -40,7 +44,7 @@ from aggregator.rounds import Round, RoundResult
 from aggregator.scheduler import Plan, Scheduler
 from aggregator.strategies import make_strategy
 from edgefl import dynsec
-from edgefl.atomic import write_atomic
+from edgefl.atomic import fsync_path, write_atomic
 from edgefl.config import AggregatorConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
@@ -199,7 +203,10 @@ class Aggregator:
             accumulator=self._accumulator(),
         )
         self._replaced = {}
-        _write_json(self.state_dir / OPEN_ROUND, rnd.header())
+        # on the disk before any task goes out, flushed to it once they are out (below): the
+        # tasks do not wait for two fsyncs, and a killed process loses nothing by that
+        header = self.state_dir / OPEN_ROUND
+        write_atomic(header, json.dumps(rnd.header()), durable=False)
         with self._round_lock:
             self._round = rnd
         self.registry.on_assigned(plan.participants)
@@ -211,6 +218,8 @@ class Aggregator:
             downlink += len(payload) + self.broadcast.bytes_per_device
         self._publish_status(force=True)
         rnd.opening = {"plan": planned - started, "tasks": time.perf_counter() - planned}
+        fsync_path(header)
+        fsync_path(header.parent)
         return self._wait_and_close(rnd, started, downlink, plan)
 
     def _wait_and_close(
@@ -324,29 +333,14 @@ class Aggregator:
             loss, acc = evaluate(self.model, self.eval_data)
         self._phase("evaluate")
         self.next_round = result.number + 1
-        train_s = [m.get("train_s", 0.0) for m in result.accepted.values()]
-        wall = time.perf_counter() - started  # provisional; final at the end
-        metrics = RoundMetrics(
-            round=result.number,
+        metrics = round_metrics(
+            result,
             model_version=self.version,
-            participants=len(result.participants),
-            reported=reported,
-            closed_by=result.closed_by,
             applied=applied,
             accuracy=acc,
             loss=loss,
-            wall_s=wall,
-            train_s_max=max(train_s, default=0.0),
-            coordination_s=wall - max(train_s, default=0.0),
-            uplink_bytes=result.uplink_bytes,
+            wall_s=time.perf_counter() - started,  # provisional; final at the end
             downlink_bytes=downlink,
-            samples=result.samples,
-            last_update_s=result.last_update_s,
-            compute_span_s=union_length(
-                [(m["t_start"], m["t_end"]) for m in result.accepted.values() if "t_end" in m]
-            ),
-            timeline=timeline(result),
-            rejected=dict(result.rejected),
             missing=missing,
             quarantined=sorted(self.guard.quarantined),
             **resource_metrics(result, plan, self._replaced),
@@ -375,8 +369,7 @@ class Aggregator:
         metrics.close_s = time.perf_counter() - self._closing_at
         metrics.wall_s = time.perf_counter() - started
         metrics.coordination_s = metrics.wall_s - metrics.train_s_max
-        with (self.state_dir / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(asdict(metrics)) + "\n")
+        append_history(self.state_dir / HISTORY, metrics)
         log.info(
             "round %d: %d/%d reported (%s), acc %s, %.3f s (slowest device %.3f s)",
             metrics.round,
@@ -521,7 +514,7 @@ class Aggregator:
         self.registry.restore(state.get("registry", []))
         self.rejected.update(state.get("rejected", {}))
         self.ledger = list(state.get("ledger", []))
-        self.history = read_history(self.state_dir / "rounds.jsonl", self.next_round)
+        self.history = read_history(self.state_dir / HISTORY, self.next_round)
         log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
 
     def export(self) -> dict[str, Any]:
@@ -541,7 +534,3 @@ class Aggregator:
     def deploy(self, exported: dict[str, Any]) -> dict[str, Any]:
         """Roll an exported model out to the fleet; see aggregator/deploy.py."""
         return self.rollout.publish(exported["version"])
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj))
