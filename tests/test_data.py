@@ -187,8 +187,8 @@ def test_partition_dispatches_by_kind(y_train):
     assert all(
         np.array_equal(a, b) for a, b in zip(i, iid_partition(len(y_train), 5, 2), strict=True)
     )
-    with pytest.raises(ValueError, match="unknown partition 'shards'"):
-        partition(y_train, 5, "shards", alpha=0.5, seed=2, min_samples=10)
+    with pytest.raises(ValueError, match="unknown partition 'bogus': use one of dirichlet, iid"):
+        partition(y_train, 5, "bogus", alpha=0.5, seed=2, min_samples=10)
 
 
 # ---------------------------------------------------------------------------------------------
