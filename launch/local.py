@@ -70,8 +70,9 @@ def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[
         if len(subjects) != len(device_ids):
             raise ConfigError(
                 f"data.partition 'natural' gives one device per wearer: the {d.dataset} training "
-                f"set has {len(subjects)} (subjects {subjects}; {d.test_subjects} are held out "
-                f"for testing), so set demo.devices = {len(subjects)}, not {len(device_ids)}"
+                f"set has {len(subjects)} wearers (subjects {subjects}; {d.test_subjects} are "
+                f"held out for testing), so set demo.devices = {len(subjects)}, "
+                f"not {len(device_ids)}"
             )
     parts = partition(
         train.y,

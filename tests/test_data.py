@@ -380,7 +380,7 @@ def test_prepare_data_natural_says_how_many_devices(small_watch, tmp_path):
     cfg = run_config(20, dataset="watch", partition="natural", test_subjects=[2, 3])
     with pytest.raises(
         ConfigError,
-        match=r"has 2 \(subjects \[1, 4\]; \[2, 3\] are held out .*"
+        match=r"has 2 wearers \(subjects \[1, 4\]; \[2, 3\] are held out .*"
         r"set demo.devices = 2, not 20",
     ):
         prepare_data(cfg, tmp_path / "data", ids(20))
