@@ -1,5 +1,6 @@
 # Two commands a user needs: `make demo` and `make test`. Each does its own set-up:
-# Mosquitto (apt on Debian / Raspberry Pi OS), a virtual environment and the packages.
+# Mosquitto (apt on Debian / Raspberry Pi OS), a virtual environment and the packages, and the
+# data sets beyond the bundled digits.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,9 +10,9 @@ STAMP  := $(VENV)/.edgefl-installed
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/b1.toml
 
-.PHONY: setup mosquitto demo test unit lint bench clean
+.PHONY: setup mosquitto datasets demo test unit lint bench clean
 
-setup: mosquitto $(STAMP)
+setup: mosquitto $(STAMP) datasets
 
 mosquitto:
 	@sh broker/install-mosquitto.sh
@@ -23,6 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (apt, like Mosquitto), and the smartwatch set
+# converted once from seglearn 1.2.5's wheel into <venv>/share/edgefl/watch.npz (edgefl/data/).
+# Both steps return at once when already done.
+datasets: $(STAMP)
+	@sh edgefl/data/install-fashion-mnist.sh
+	@$(BIN)/python -m edgefl.data.watch_setup
 
 demo: setup
 	$(BIN)/edgefl demo --config $(CONFIG)

@@ -54,16 +54,58 @@ class ModelConfig:
     name: str = "mlp_digits"
 
 
+# The data sets and partitions a local run knows (edgefl/data/).
+DATASETS = ("digits", "fashion_mnist", "watch")
+PARTITIONS = ("dirichlet", "iid", "shards", "natural")
+
+
 @dataclass
 class DataConfig:
-    """The fleet's data in a local run (demo, tests, benchmarks): digits, split across devices."""
+    """The fleet's data in a local run (demo, tests, benchmarks): a data set split across the
+    simulated devices (README, "Data sets and partitions")."""
 
+    # digits (sklearn's 8x8), fashion_mnist (Debian's dataset-fashion-mnist), watch (seglearn's
+    # smartwatch exercises, converted by `make setup`)
     dataset: str = "digits"
-    partition: str = "dirichlet"  # "dirichlet" (label skew) or "iid"
+    # dirichlet (label skew), iid, shards (McMahan et al. 2017: sorted by label, shards_per_device
+    # label shards each), natural (one device per subject; watch only, demo.devices = subjects)
+    partition: str = "dirichlet"
     alpha: float = 0.5
+    shards_per_device: int = 2
     seed: int = 0
     min_samples: int = 10
+    # digits: the stratified fraction held out for testing
     test_fraction: float = 0.2
+    # fashion_mnist: a stratified subset of the 60,000 training / 10,000 test images; 0 = all
+    train_samples: int = 0
+    test_samples: int = 0
+    # watch: the subjects (1-10) held out as the test set (leave-subjects-out)
+    test_subjects: list[int] = field(default_factory=lambda: [9, 10])
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                f"data.dataset {self.dataset!r} is not one of {', '.join(DATASETS)}"
+            )
+        if self.partition not in PARTITIONS:
+            raise ConfigError(
+                f"data.partition {self.partition!r} is not one of {', '.join(PARTITIONS)}"
+            )
+        if self.partition == "natural" and self.dataset != "watch":
+            raise ConfigError(
+                f"data.partition 'natural' splits by subject, and {self.dataset} records none: "
+                "use it with dataset 'watch', or partition dirichlet, iid or shards"
+            )
+        if self.alpha <= 0 or self.shards_per_device < 1 or self.min_samples < 0:
+            raise ConfigError("data.alpha must be > 0, shards_per_device >= 1, min_samples >= 0")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError("data.test_fraction must lie in (0, 1)")
+        if self.train_samples < 0 or self.test_samples < 0:
+            raise ConfigError("data.train_samples and test_samples must be >= 0 (0 = all)")
+        if (self.train_samples or self.test_samples) and self.dataset != "fashion_mnist":
+            raise ConfigError("data.train_samples and test_samples apply to fashion_mnist only")
+        if not self.test_subjects or len(set(self.test_subjects)) != len(self.test_subjects):
+            raise ConfigError("data.test_subjects must name one or more distinct subjects")
 
 
 @dataclass

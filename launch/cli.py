@@ -307,6 +307,7 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from edgefl.data import DataMissingError
     from launch.local import run_demo
 
     overrides: dict[str, dict[str, object]] = {}
@@ -315,7 +316,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.devices is not None:
         overrides.setdefault("demo", {})["devices"] = args.devices
     cfg = load(RunConfig, args.config, overrides)
-    result = run_demo(cfg, run_dir=args.run_dir, progress=True)
+    try:
+        result = run_demo(cfg, run_dir=args.run_dir, progress=True)
+    except DataMissingError as e:  # says what installs it
+        print(f"edgefl demo: {e}", file=sys.stderr)
+        return 2
     return 0 if result.ok else 1
 
 

@@ -28,14 +28,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgefl.atomic import write_atomic
 from edgefl.config import (
     AggregatorConfig,
+    ConfigError,
     DeviceConfig,
     RunConfig,
     to_dict,
     to_toml,
 )
-from edgefl.data import Dataset, load_digits_split, partition, save_npz
+from edgefl.data import Dataset, load_split, partition, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +59,56 @@ def _write_toml(path: Path, obj: object) -> Path:
 
 
 def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[str, int]:
-    """Split the digits over the fleet and write one .npz per device, plus the held-out set."""
-    if cfg.data.dataset != "digits":
-        raise ValueError(f"the local run knows the 'digits' dataset only, not {cfg.data.dataset!r}")
-    train, test = load_digits_split(cfg.data.test_fraction, seed=0)
+    """Load the data set ``[data]`` names, split it over the fleet and write one .npz per device,
+    the held-out set (``test.npz``), and ``partition.json``: who holds how many samples of which
+    class (and, for the watch set, which wearer; the test set's wearers are held out)."""
+    d = cfg.data
+    train, test = load_split(d)
+    if d.partition == "natural":
+        assert train.subjects is not None  # DataConfig allows natural for the watch set only
+        subjects = sorted(set(train.subjects.tolist()))
+        if len(subjects) != len(device_ids):
+            raise ConfigError(
+                f"data.partition 'natural' gives one device per wearer: the {d.dataset} training "
+                f"set has {len(subjects)} wearers (subjects {subjects}; {d.test_subjects} are "
+                f"held out for testing), so set demo.devices = {len(subjects)}, "
+                f"not {len(device_ids)}"
+            )
     parts = partition(
         train.y,
         len(device_ids),
-        cfg.data.partition,
-        cfg.data.alpha,
-        cfg.data.seed,
-        cfg.data.min_samples,
+        d.partition,
+        d.alpha,
+        d.seed,
+        d.min_samples,
+        subjects=train.subjects,
+        shards_per_device=d.shards_per_device,
     )
     sizes = {}
+    devices: dict[str, Any] = {}
+    classes = int(max(train.y.max(), test.y.max())) + 1
     for device_id, idx in zip(device_ids, parts, strict=True):
         save_npz(data_dir / f"{device_id}.npz", Dataset(train.X[idx], train.y[idx]))
         sizes[device_id] = len(idx)
+        devices[device_id] = {
+            "samples": len(idx),
+            "per_class": np.bincount(train.y[idx], minlength=classes).tolist(),
+        }
+        if train.subjects is not None:
+            devices[device_id]["subjects"] = sorted(set(train.subjects[idx].tolist()))
     save_npz(data_dir / "test.npz", test)
+    manifest = {
+        "dataset": d.dataset,
+        "partition": d.partition,
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "features": int(train.X.shape[1]),
+        "classes": classes,
+        "devices": devices,
+    }
+    if test.subjects is not None:
+        manifest["test_subjects"] = sorted(set(test.subjects.tolist()))
+    write_atomic(data_dir / "partition.json", json.dumps(manifest, indent=1) + "\n")
     return sizes
 
 

@@ -1,8 +1,11 @@
-"""Data (edgefl/data.py): the digits split of B1, the partitioners that spread it over a fleet,
-and the checked loader a device uses for the .npz file it holds."""
+"""Data (edgefl/data/): the digits split of B1, the partitioners that spread a training set over
+a fleet, the [data] configuration and the local run's data preparation, and the checked loader a
+device uses for the .npz file it holds. Fashion-MNIST: test_data_idx.py; the watch set:
+test_data_watch.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -10,15 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgefl.config import ConfigError, DataConfig, RunConfig, load
 from edgefl.data import (
     Dataset,
     dirichlet_partition,
     iid_partition,
     load_digits_split,
     load_npz,
+    load_split,
+    natural_partition,
     partition,
     save_npz,
+    shard_partition,
 )
+from edgefl.data.fashion_mnist import fashion_mnist_dir
+from edgefl.data.watch import ENV_PATH
+from edgefl.data.watch_setup import convert_watch_pickle, write_watch_npz
+from launch.local import prepare_data
+from tests.data_sets import pickled_npy, require_installed, watch_dict
 
 DEVICES = 20
 
@@ -187,8 +199,222 @@ def test_partition_dispatches_by_kind(y_train):
     assert all(
         np.array_equal(a, b) for a, b in zip(i, iid_partition(len(y_train), 5, 2), strict=True)
     )
-    with pytest.raises(ValueError, match="unknown partition 'shards'"):
-        partition(y_train, 5, "shards", alpha=0.5, seed=2, min_samples=10)
+    with pytest.raises(ValueError, match="unknown partition 'bogus': use one of dirichlet, iid"):
+        partition(y_train, 5, "bogus", alpha=0.5, seed=2, min_samples=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# McMahan's shards
+
+
+def label_pure(classes: int = 10, per_class: int = 100) -> np.ndarray:
+    """Labels whose shards (10 devices x 2 of 50) each hold one label; shuffled order."""
+    return np.random.default_rng(5).permutation(np.repeat(np.arange(classes), per_class))
+
+
+def test_shards_give_every_device_two_label_pure_shards():
+    y = label_pure()
+    parts = shard_partition(y, 10, shards_per_device=2, seed=0)
+    assert_covers_once(parts, len(y))
+    for p in parts:
+        counts = np.bincount(y[p], minlength=10)
+        # two shards of 50 samples, each of a single label: 100 samples, counts in units of 50
+        assert len(p) == 100 and set(counts.tolist()) <= {0, 50, 100}
+        assert 1 <= np.count_nonzero(counts) <= 2
+    # devices differ: not every device holds the same pair
+    assert len({tuple(np.flatnonzero(np.bincount(y[p], minlength=10))) for p in parts}) > 3
+
+
+@pytest.mark.parametrize("per_device", [1, 3, 5])
+def test_shards_per_device_sets_labels_per_device(per_device):
+    y = label_pure(classes=10, per_class=10 * per_device)  # 10 devices x per_device shards of 10
+    parts = shard_partition(y, 10, shards_per_device=per_device, seed=1)
+    assert_covers_once(parts, len(y))
+    for p in parts:
+        assert len(p) == 10 * per_device
+        assert np.count_nonzero(np.bincount(y[p], minlength=10)) <= per_device
+
+
+def test_shards_on_uneven_counts_use_every_sample(y_train):
+    parts = shard_partition(y_train, DEVICES, seed=0)  # 1437 samples into 40 shards of 35-36
+    assert_covers_once(parts, len(y_train))
+    assert {len(p) for p in parts} <= {70, 71, 72}
+    # shards are much more skewed than Dirichlet(0.5)
+    assert max(np.count_nonzero(np.bincount(y_train[p])) for p in parts) <= 4
+    assert label_skew(y_train, parts) > label_skew(
+        y_train, dirichlet_partition(y_train, DEVICES, 0.5, seed=0)
+    )
+
+
+def test_shards_shuffle_within_a_label_and_follow_the_seed():
+    y = np.zeros(200, dtype=np.int64)  # one label: the shards are random samples of it
+    a, b, c = (shard_partition(y, 5, seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c, strict=True))
+    assert any(p[-1] - p[0] >= len(p) for p in a)  # not contiguous runs of the file
+
+
+def test_shards_refuse_impossible_requests():
+    with pytest.raises(ValueError, match="cannot be cut into 22 shards"):
+        shard_partition(np.zeros(21, dtype=np.int64), 11)
+    with pytest.raises(ValueError, match="one shard per device"):
+        shard_partition(np.zeros(21, dtype=np.int64), 2, shards_per_device=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# natural (by subject)
+
+
+def test_natural_gives_one_device_per_subject_in_id_order():
+    subjects = np.array([3, 1, 1, 7, 3, 3, 7, 1])
+    parts = natural_partition(subjects, 3)
+    assert [p.tolist() for p in parts] == [[1, 2, 7], [0, 4, 5], [3, 6]]
+    assert all(p.dtype == np.int64 for p in parts)
+
+
+def test_natural_refuses_a_device_count_other_than_the_subjects():
+    with pytest.raises(ValueError, match=r"3 subjects \(1, 3, 7\), so it needs 3 devices, not 4"):
+        natural_partition(np.array([3, 1, 7]), 4)
+
+
+def test_natural_refuses_a_dataset_without_subjects(y_train):
+    with pytest.raises(ValueError, match="records who each sample came from"):
+        partition(y_train, 5, "natural", 0.5, 0, 10)
+
+
+def test_partition_dispatches_shards_and_natural(y_train):
+    got = partition(y_train, 5, "shards", 0.5, 2, 10, shards_per_device=3)
+    expected = shard_partition(y_train, 5, 3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    subjects = np.arange(len(y_train)) % 4
+    got = partition(y_train, 4, "natural", 0.5, 2, 10, subjects=subjects)
+    assert [int(subjects[p[0]]) for p in got] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="leaves a device 2 samples, fewer than min_samples"):
+        partition(np.zeros(8, np.int64), 4, "natural", 0.5, 0, 3, subjects=np.arange(8) // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# [data] and the local run's data preparation
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"dataset": "mnist"}, "data.dataset 'mnist' is not one of digits, fashion_mnist, watch"),
+        ({"partition": "pathological"}, "is not one of dirichlet, iid, shards, natural"),
+        ({"partition": "natural"}, "digits records none: use it with dataset 'watch'"),
+        ({"dataset": "fashion_mnist", "partition": "natural"}, "fashion_mnist records none"),
+        ({"train_samples": 100}, "apply to fashion_mnist only"),
+        ({"dataset": "fashion_mnist", "test_samples": -1}, "must be >= 0"),
+        ({"shards_per_device": 0}, "shards_per_device >= 1"),
+        ({"alpha": 0.0}, "alpha must be > 0"),
+        ({"test_fraction": 1.0}, r"test_fraction must lie in \(0, 1\)"),
+        ({"dataset": "watch", "test_subjects": []}, "one or more distinct subjects"),
+        ({"dataset": "watch", "test_subjects": [9, 9]}, "one or more distinct subjects"),
+    ],
+)
+def test_data_config_refuses_unknown_values(values, match):
+    with pytest.raises(ConfigError, match=match):
+        DataConfig(**values)
+
+
+def test_data_config_from_toml_names_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ndataset = "watch"\npartition = "natural"\ntest_subjects = [2]\n')
+    cfg = load(RunConfig, path)
+    assert (cfg.data.dataset, cfg.data.partition, cfg.data.test_subjects) == (
+        "watch",
+        "natural",
+        [2],
+    )
+    path.write_text('[data]\ndataset = "cifar10"\n')
+    with pytest.raises(ConfigError, match=r"run.toml: data.dataset 'cifar10' is not one of"):
+        load(RunConfig, path)
+    path.write_text('[data]\ntest_subjects = ["nine"]\n')
+    with pytest.raises(ConfigError, match=r"data.test_subjects\[0\] should be int"):
+        load(RunConfig, path)
+
+
+def test_load_split_picks_the_dataset_by_name(split):
+    train, test = load_split(DataConfig())
+    np.testing.assert_array_equal(train.X, split[0].X)
+    np.testing.assert_array_equal(test.y, split[1].y)
+
+
+@pytest.fixture
+def small_watch(tmp_path, monkeypatch):
+    """A converted stand-in for the watch set, 4 subjects, where the run-time loader looks."""
+    npy, sha = pickled_npy(watch_dict(subjects=4))
+    path = write_watch_npz(convert_watch_pickle(npy, sha), tmp_path / "watch.npz")
+    monkeypatch.setenv(ENV_PATH, str(path))
+    return path
+
+
+def run_config(devices: int, **data) -> RunConfig:
+    cfg = RunConfig(data=DataConfig(**data))
+    cfg.demo.devices = devices
+    return cfg
+
+
+def ids(n: int) -> list[str]:
+    return [f"dev-{i:02d}" for i in range(n)]
+
+
+def test_prepare_data_natural_gives_each_wearer_a_device(small_watch, tmp_path):
+    cfg = run_config(3, dataset="watch", partition="natural", test_subjects=[2], min_samples=1)
+    sizes = prepare_data(cfg, tmp_path / "data", ids(3))
+    manifest = json.loads((tmp_path / "data" / "partition.json").read_text())
+    assert manifest["test_subjects"] == [2]
+    assert [manifest["devices"][d]["subjects"] for d in ids(3)] == [[1], [3], [4]]
+    assert manifest["features"] == 600 and manifest["classes"] == 7
+    for d in ids(3):
+        held = load_npz(tmp_path / "data" / f"{d}.npz", features=600, classes=7)
+        assert len(held) == sizes[d] == manifest["devices"][d]["samples"]
+        assert sorted(set(held.y.tolist())) == list(range(7))  # every wearer did every exercise
+    test = load_npz(tmp_path / "data" / "test.npz")
+    assert len(test) == manifest["test_samples"]
+    assert sum(sizes.values()) == manifest["train_samples"]
+
+
+def test_prepare_data_natural_says_how_many_devices(small_watch, tmp_path):
+    cfg = run_config(20, dataset="watch", partition="natural", test_subjects=[2, 3])
+    with pytest.raises(
+        ConfigError,
+        match=r"has 2 wearers \(subjects \[1, 4\]; \[2, 3\] are held out .*"
+        r"set demo.devices = 2, not 20",
+    ):
+        prepare_data(cfg, tmp_path / "data", ids(20))
+
+
+def test_prepare_data_watch_with_label_skew(small_watch, tmp_path):
+    cfg = run_config(5, dataset="watch", partition="dirichlet", test_subjects=[4], min_samples=5)
+    sizes = prepare_data(cfg, tmp_path / "data", ids(5))
+    assert len(sizes) == 5 and min(sizes.values()) >= 5
+
+
+def test_prepare_data_digits_shards(tmp_path):
+    cfg = run_config(DEVICES, partition="shards")
+    sizes = prepare_data(cfg, tmp_path / "data", ids(DEVICES))
+    assert sum(sizes.values()) == 1437
+    manifest = json.loads((tmp_path / "data" / "partition.json").read_text())
+    assert "test_subjects" not in manifest
+    assert all(np.count_nonzero(v["per_class"]) <= 4 for v in manifest["devices"].values())
+
+
+def test_prepare_data_fashion_mnist_subset(tmp_path):
+    require_installed(
+        (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+        "Fashion-MNIST",
+        "run `make setup` or `sudo apt-get install dataset-fashion-mnist`",
+    )
+    cfg = run_config(
+        DEVICES, dataset="fashion_mnist", partition="shards", train_samples=2000, test_samples=500
+    )
+    sizes = prepare_data(cfg, tmp_path / "data", ids(DEVICES))
+    assert set(sizes.values()) == {100}
+    held = load_npz(tmp_path / "data" / "dev-00.npz", features=784, classes=10)
+    assert np.count_nonzero(np.bincount(held.y, minlength=10)) <= 2
+    assert len(load_npz(tmp_path / "data" / "test.npz", features=784)) == 500
 
 
 # ---------------------------------------------------------------------------------------------
