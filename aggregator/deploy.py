@@ -100,7 +100,9 @@ def export(
     }
     method = quantisation_method(fp32) if int8 else None
     calibration = (
-        calibration_sample(eval_data.X, calibration_samples) if eval_data is not None else None
+        calibration_sample(eval_data.X, calibration_samples)
+        if method == "static" and eval_data is not None
+        else None
     )
     if method == "static" and calibration is None:
         entry["skipped"] = {
