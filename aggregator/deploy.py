@@ -59,9 +59,22 @@ def export(
     accuracy: float | None,
     eval_data: Dataset | None,
     int8: bool = True,
+    calibration_samples: int = DeployConfig.calibration_samples,
 ) -> dict[str, Any]:
-    """Export ``model`` into the store as fp32 (and int8) ONNX and check it against PyTorch."""
-    from aggregator.onnx_export import export_onnx, onnx_logits, parity, quantize_int8
+    """Export ``model`` into the store as fp32 (and int8) ONNX and check it against PyTorch.
+
+    A model with convolutions is quantised statically (aggregator/onnx_export.py), calibrated
+    on ``calibration_samples`` rows of ``eval_data``; without held-out data it gets no int8
+    variant (the entry's ``skipped`` says why, and a rollout of it is refused): calibrating on
+    made-up inputs would set every activation's range wrong, with no accuracy to catch it.
+    """
+    from aggregator.onnx_export import (
+        export_onnx,
+        onnx_logits,
+        parity,
+        quantisation_method,
+        quantize_int8,
+    )
 
     metadata = {
         "edgefl_model": info.name,
@@ -85,14 +98,30 @@ def export(
         "parity_max_abs": parity(fp32, model, check_X),
         "variants": {"fp32": {"bytes": fp32.stat().st_size, "sha256": sha256_file(fp32)}},
     }
-    if int8:
-        q = quantize_int8(fp32, store.file(version, "int8"))
+    method = quantisation_method(fp32) if int8 else None
+    calibration = (
+        calibration_sample(eval_data.X, calibration_samples)
+        if method == "static" and eval_data is not None
+        else None
+    )
+    if method == "static" and calibration is None:
+        entry["skipped"] = {
+            "int8": "a convolutional model is quantised statically, which needs calibration "
+            "data: the aggregator's eval_data"
+        }
+        log.warning("no int8 variant of model v%d: %s", version, entry["skipped"]["int8"])
+    elif method is not None:
+        q = quantize_int8(fp32, store.file(version, "int8"), calibration)
         entry["variants"]["int8"] = {
             "bytes": q.stat().st_size,
             "sha256": sha256_file(q),
-            # for the record only (about 1e-2 by design); int8 is judged by accuracy
+            "quantisation": method,
+            # for the record only (tenths to units by design, most where an activation
+            # leaves its calibrated range); int8 is judged by accuracy
             "parity_max_abs": parity(q, model, check_X),
         }
+        if method == "static":
+            entry["variants"]["int8"]["calibration_samples"] = len(calibration)
     if eval_data is not None:
         for variant in entry["variants"]:
             logits = onnx_logits(store.file(version, variant), eval_data.X)
@@ -103,7 +132,7 @@ def export(
         version,
         entry["variants"]["fp32"]["bytes"],
         entry["parity_max_abs"],
-        f", int8 {entry['variants']['int8']['bytes']} bytes" if int8 else "",
+        f", int8 {entry['variants']['int8']['bytes']} bytes" if "int8" in entry["variants"] else "",
     )
     # the figures the command line and the demo report
     entry["path"] = str(fp32)
@@ -111,8 +140,23 @@ def export(
     return entry
 
 
+def calibration_sample(X: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """``samples`` rows of ``X`` (all if it has fewer) for calibrating a static int8
+    quantisation: a seeded random pick, in the original order, because held-out files are often
+    sorted (by class, by subject) and their first rows would cover a few classes only."""
+    if samples < 1:
+        raise ValueError(f"calibration needs at least one sample, not {samples}")
+    if len(X) <= samples:
+        return X
+    rows = np.sort(np.random.default_rng(seed).choice(len(X), samples, replace=False))
+    return X[rows]
+
+
 def refusal(entry: dict[str, Any], variant: str, cfg: DeployConfig) -> str | None:
     """Why ``variant`` of the exported model ``entry`` must not go to the fleet; None if it may."""
+    skipped = entry.get("skipped", {}).get(variant)
+    if skipped:
+        return f"it has no {variant} variant: {skipped}"
     parity = entry.get("parity_max_abs")
     # "not <=" so that NaN, what a broken graph often yields, is refused too; an entry without
     # the figure predates the check and was served before
@@ -206,7 +250,9 @@ class Rollout:
         variant = variant or self.cfg.variant
         entry = self.store.info(version)
         path = self.store.file(version, variant)
-        if entry is None or not path.exists():
+        # a variant the export skipped on purpose is refused (and recorded) below, not missing
+        skipped = entry is not None and variant in entry.get("skipped", {})
+        if entry is None or not (path.exists() or skipped):
             raise FileNotFoundError(f"model v{version} ({variant}) is not in {self.store.root}")
         why = refusal(entry, variant, self.cfg)
         if why is not None:

@@ -529,6 +529,7 @@ class Aggregator:
             accuracy=self.history[-1].accuracy if self.history else None,
             eval_data=self.eval_data,
             int8=self.cfg.deploy.int8,
+            calibration_samples=self.cfg.deploy.calibration_samples,
         )
 
     def deploy(self, exported: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The aggregator's versioned store of exported models, and the history of rollouts.
 
     models/v{version}/model.onnx        fp32 export
-    models/v{version}/model.int8.onnx   int8 variant (ONNX Runtime dynamic quantisation)
+    models/v{version}/model.int8.onnx   int8 variant (ONNX Runtime quantisation: static QDQ for
+                                        convolutional models, dynamic for the others)
     models/v{version}/info.json         round, sizes, SHA-256s, parity, accuracies, metadata
     models/deployments.json             every rollout and rollback, oldest first
 

@@ -299,10 +299,14 @@ class DeployConfig:
     # logits by 1e-2 or more. Deep models with large logits accumulate more rounding: raise it
     # for them rather than turn the check off.
     parity_tolerance: float = 1e-4
-    # The int8 variant's logits differ from PyTorch's by ~1e-2 by design, so it is judged by
-    # accuracy instead: it is not rolled out if its held-out accuracy is more than this below
-    # the fp32 model's (and never if the fp32 export it was made from failed parity).
+    # The int8 variant's logits differ from PyTorch's by tenths to units by design, so it is
+    # judged by accuracy instead: it is not rolled out if its held-out accuracy is more than this
+    # below the fp32 model's (and never if the fp32 export it was made from failed parity).
     int8_margin: float = 0.02
+    # A model with convolutions is quantised to int8 statically: each activation's range is
+    # fixed in advance from this many rows of the held-out data (eval_data; none: no int8
+    # variant of such a model). The calibrator holds all their activations at once.
+    calibration_samples: int = 256
     # publish the final model to the fleet when training ends
     rollout: bool = True
     # try a new model on this fraction of the online devices first; 0 = everyone at once

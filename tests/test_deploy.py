@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -23,10 +24,14 @@ from torch import nn
 from aggregator import deploy, onnx_export
 from aggregator.deploy import rollback_command
 from aggregator.onnx_export import onnx_logits
+from aggregator.store import ModelStore
 from device.http import serve_http
 from device.inference import InferenceServer, LocalModels
-from edgefl.models import ModelInfo, num_parameters, set_weights
+from edgefl.config import DeployConfig
+from edgefl.models import ModelInfo, build_model, model_info, num_parameters, set_weights
 from edgefl.mqtt import MqttLink
+from edgefl.training import train_local
+from tests import synthetic
 from tests.conftest import FLEET, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,3 +404,54 @@ def test_device_serving_modules_do_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert out.returncode == 0, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# export of a convolutional model (no broker)
+
+
+def _cnn_export(tmp_path: Path, eval_data, **kw) -> tuple[ModelStore, dict]:
+    model = build_model("cnn_fmnist", seed=0)
+    train_local(model, synthetic.images(256), epochs=4, batch_size=32, lr=0.3)
+    store = deploy.store_for(tmp_path)
+    entry = deploy.export(
+        model,
+        model_info("cnn_fmnist"),
+        store,
+        version=1,
+        round_=0,
+        accuracy=None,
+        eval_data=eval_data,
+        **kw,
+    )
+    return store, entry
+
+
+def test_a_cnn_is_calibrated_on_a_sample_of_the_held_out_data(tmp_path: Path) -> None:
+    store, entry = _cnn_export(tmp_path, synthetic.images(600, seed=1), calibration_samples=200)
+    assert entry["parity_max_abs"] <= 1e-4
+    fp32, int8 = entry["variants"]["fp32"], entry["variants"]["int8"]
+    assert int8["quantisation"] == "static" and int8["calibration_samples"] == 200
+    assert int8["bytes"] <= 0.3 * fp32["bytes"]
+    assert fp32["accuracy"] > 0.8
+    assert int8["accuracy"] >= fp32["accuracy"] - 0.01
+    ops = {n.op_type for n in onnx.load(str(store.file(1, "int8"))).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert deploy.refusal(store.info(1), "int8", DeployConfig()) is None
+
+
+def test_a_cnn_without_held_out_data_gets_no_int8_variant_and_its_rollout_is_refused(
+    tmp_path: Path,
+) -> None:
+    store, entry = _cnn_export(tmp_path, None)
+    assert "int8" not in entry["variants"] and not store.file(1, "int8").exists()
+    assert "calibration" in entry["skipped"]["int8"]
+    # the fp32 model goes out as ever; the int8 one is refused with the reason, and recorded
+    cfg = DeployConfig()
+    assert deploy.refusal(store.info(1), "fp32", cfg) is None
+    rollout = deploy.Rollout(None, None, None, "cnn_fmnist", store, cfg)  # refused: no broker
+    refused = rollout.publish(1, "int8")
+    assert not refused["promoted"] and "calibration" in refused["refused"]
+    assert store.deployments()[-1]["refused"] == refused["refused"]
+    with pytest.raises(FileNotFoundError):  # a version that was never exported is still missing
+        rollout.publish(2, "int8")

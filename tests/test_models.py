@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +22,9 @@ from edgefl.models import (
     set_weights,
 )
 from edgefl.training import evaluate, predict_logits, train_local
+from tests import synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)  # the same arithmetic, in the same order, on every run
 
@@ -41,16 +48,26 @@ def weights_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 # models
 
 
-@pytest.mark.parametrize(("name", "features"), [("mlp_digits", 64), ("mlp_mnist", 784)])
-def test_models_output_logits_of_the_right_shape(name, features):
+@pytest.mark.parametrize(
+    ("name", "features", "classes"),
+    [
+        ("mlp_digits", 64, 10),
+        ("mlp_mnist", 784, 10),
+        ("cnn_fmnist", 784, 10),
+        ("cnn_watch", 600, 7),
+    ],
+)
+def test_models_output_logits_of_the_right_shape(name, features, classes):
     info = model_info(name)
-    assert info.input_shape == (features,) and info.num_classes == 10
+    # every model takes flat rows: npz files, the ONNX input and serving see one layout
+    assert info.input_shape == (features,) and info.num_classes == classes
     model = build_model(name, seed=0)
-    x = torch.rand(5, features, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(x)
-    assert out.shape == (5, 10)
-    assert out.dtype == torch.float32
+    for batch in (1, 5):
+        x = torch.rand(batch, features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (batch, classes)
+        assert out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -79,6 +96,76 @@ def test_mlp_digits_layout():
 
 def test_mlp_mnist_spec():
     assert model_spec(build_model("mlp_mnist", seed=0))["0.weight"] == (128, 784)
+
+
+def test_cnn_layouts():
+    # the tensor names are the wire format of every update and global model: renaming a layer
+    # would make every payload of a running fleet invalid
+    assert model_spec(build_model("cnn_fmnist", seed=0)) == {
+        "conv1.weight": (16, 1, 5, 5),
+        "conv1.bias": (16,),
+        "conv2.weight": (32, 16, 5, 5),
+        "conv2.bias": (32,),
+        "fc1.weight": (128, 800),
+        "fc1.bias": (128,),
+        "fc2.weight": (10, 128),
+        "fc2.bias": (10,),
+    }
+    assert model_spec(build_model("cnn_watch", seed=0)) == {
+        "conv1.weight": (32, 6, 5),
+        "conv1.bias": (32,),
+        "conv2.weight": (64, 32, 5),
+        "conv2.bias": (64,),
+        "fc1.weight": (64, 64),
+        "fc1.bias": (64,),
+        "fc2.weight": (7, 64),
+        "fc2.bias": (7,),
+    }
+    # the sizes the catalogue states
+    assert model_info("cnn_fmnist").parameters == 117_066
+    assert model_info("cnn_watch").parameters == 15_911
+
+
+def test_cnn_fmnist_reads_a_row_as_a_28x28_image_row_major():
+    model = build_model("cnn_fmnist", seed=0)
+    x = torch.rand(3, 784, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        inside = model.conv1(model.image(x))
+        expected = model.conv1(x.view(3, 28, 28).unsqueeze(1))  # pixel (r, c) is x[28 r + c]
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+
+
+def test_cnn_watch_reads_a_row_as_6_channels_of_100_steps():
+    model = build_model("cnn_watch", seed=0)
+    x = torch.rand(3, 600, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        inside = model.conv1(model.window(x))
+        # channel ch, step t is x[100 ch + t]: X[i].reshape(6, 100) is (channels, time)
+        expected = model.conv1(torch.stack([x[:, 100 * ch : 100 * ch + 100] for ch in range(6)], 1))
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+
+
+def test_the_catalogue_imports_without_torch():
+    # a serve-only device has no torch, and reads its model's shape and size from the catalogue
+    code = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from edgefl.models import model_info
+info = model_info("cnn_fmnist")
+print(info.input_shape, info.num_classes, info.parameters, model_info("cnn_watch").parameters)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(784,)", "10", "117066", "15911"]
 
 
 def test_unknown_model():
@@ -113,6 +200,19 @@ def test_get_and_set_weights_round_trip():
     x = np.random.default_rng(0).random((4, 64), np.float32)
     reference = build_model("mlp_digits", seed=0)
     np.testing.assert_array_equal(predict_logits(target, x), predict_logits(reference, x))
+
+
+@pytest.mark.parametrize("name", ["cnn_fmnist", "cnn_watch"])
+def test_cnn_weights_round_trip_as_float32(name):
+    source = get_weights(build_model(name, seed=0))
+    assert all(w.dtype == np.float32 for w in source.values())
+    target = build_model(name, seed=1)
+    set_weights(target, source)
+    assert weights_equal(get_weights(target), source)
+    x = synthetic.for_model(name, 4).X
+    np.testing.assert_array_equal(
+        predict_logits(target, x), predict_logits(build_model(name, seed=0), x)
+    )
 
 
 def test_get_weights_returns_copies():
@@ -163,6 +263,18 @@ def test_train_local_reduces_the_loss(small):
     assert 0.0 < result.loss < loss_before
     assert 0.0 <= result.accuracy <= 1.0
     assert result.seconds > 0 and result.cpu_seconds >= 0
+
+
+@pytest.mark.parametrize(("name", "epochs"), [("cnn_fmnist", 4), ("cnn_watch", 8)])
+def test_train_local_trains_the_cnns_unchanged(name, epochs):
+    data, test = synthetic.for_model(name, 256, seed=0), synthetic.for_model(name, 256, seed=1)
+    model = build_model(name, seed=0)
+    loss_before, _ = evaluate(model, test)
+    result = train_local(model, data, epochs=epochs, batch_size=32, lr=0.3, seed=0)
+    loss_after, acc_after = evaluate(model, test)
+    assert result.steps == epochs * 8
+    assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
+    assert acc_after > 0.8, acc_after  # chance: 0.1 (images), 0.14 (windows)
 
 
 def test_train_local_is_deterministic_for_a_seed(small):
