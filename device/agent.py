@@ -36,7 +36,7 @@ from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
 from device.profiles import make_hardware
 from device.telemetry import capabilities
-from device.updates import UpdateEncoder
+from device.updates import UpdateEncoder, publish_update
 from edgefl import __version__
 from edgefl.compression import CODECS, WireError
 from edgefl.config import DeviceConfig
@@ -393,7 +393,8 @@ class DeviceAgent:
             return
         self.encoder.commit()  # its error feedback is now the device's (device/updates.py)
         sent_at, connects = time.monotonic(), self.link.connects
-        info = self.link.publish(self.topics.update(self.id), payload, qos=1)
+        # in one message, or in chunks if it is larger than the broker's packet limit
+        info = publish_update(self.link, self.topics, self.id, task, payload)
         if self.hardware.measures_link:
             self._time_upload(info, len(payload), sent_at, connects)
         self.stats.updates_sent += 1
