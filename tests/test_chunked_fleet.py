@@ -195,3 +195,32 @@ def test_only_the_current_models_chunks_stay_retained_even_after_a_restart(
         f"edgefl/{FLEET}/model/global/blob/{manifest.blob.id}/{i}"
         for i in range(manifest.blob.count)
     }
+
+
+def test_a_limit_set_in_the_config_holds_where_the_broker_allows_more(tmp_path, digits) -> None:
+    """A managed broker may cap messages without saying so in its CONNACK: ``[broker]
+    max_packet_bytes`` then keeps every sender under it."""
+    train, test = digits
+    parts = dirichlet_partition(train.y, 2, 0.5, seed=0, min_samples=10)
+    with PrivateBroker(FLEET, workdir=tmp_path / "broker") as b:  # announces 164 KiB
+        fleet = Fleet(b, tmp_path, [Dataset(train.X[p], train.y[p]) for p in parts], test)
+        try:
+            with Wire(b) as wire:
+                for i in range(2):
+                    cfg = fleet.device_config(f"dev-{i}")
+                    cfg.broker.max_packet_bytes = LIMIT
+                    agent = DeviceAgent(cfg, fleet.data[i], executor=fleet.executor)
+                    fleet.agents[agent.id] = agent.start()
+                agg_cfg = fleet.aggregator_config(rounds=2)
+                agg_cfg.broker.max_packet_bytes = LIMIT
+                with fleet.aggregator(agg_cfg) as agg:
+                    assert agg.link.max_packet_size > LIMIT == agg.link.packet_limit
+                    history = agg.run()
+                largest = wire.largest()
+                chunked = wire.topics("/blob/")
+        finally:
+            fleet.close()
+    assert [m.reported for m in history] == [2, 2]
+    assert largest <= LIMIT
+    assert any("/update/blob/" in t for t in chunked)
+    assert any("/model/global/blob/" in t for t in chunked)
