@@ -97,7 +97,11 @@ class RetainedBlobs:
                 log.warning("ignoring %s (%s): chunks it listed stay on the broker", path, e)
 
     def send(
-        self, topic: str, payload: bytes, manifest: Callable[[Blob], BlobManifest], *,
+        self,
+        topic: str,
+        payload: bytes,
+        manifest: Callable[[Blob], BlobManifest],
+        *,
         retain: bool,
     ) -> int:
         """Publish ``payload`` on ``topic`` (QoS 1), whole or chunked; the bytes a receiver

@@ -168,14 +168,15 @@ def run_local(
     limits = limits_for_model(
         cfg.model.name, cfg.deploy.chunk_bytes, max_packet_bytes=cfg.demo.max_packet_bytes
     )
-
-    def client(account: Any) -> BrokerConfig:
-        return replace(broker.broker_config(account), max_packet_bytes=cfg.demo.max_packet_bytes)
-
     with PrivateBroker(
         cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids, limits=limits
     ) as broker:
         marks["broker_up_s"] = time.perf_counter() - t0
+
+        def client(account: Any) -> BrokerConfig:
+            cap = cfg.demo.max_packet_bytes
+            return replace(broker.broker_config(account), max_packet_bytes=cap)
+
         agg_cfg = AggregatorConfig(
             **cfg.federation(),
             broker=client(broker.aggregator),
