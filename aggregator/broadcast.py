@@ -23,18 +23,33 @@ the SHA-256 of the model it leads to, so a device that arrives anywhere else fin
 fetches the full model. A model that was not prepared (the first publish, one resumed from a
 checkpoint) goes out at fp32, exactly as the aggregator holds it.
 
+A model or delta larger than the broker's packet limit (``link.packet_limit``: ``[broker]
+max_packet_bytes`` or the broker's CONNACK) travels as a chunked blob (edgefl/chunking.py): its
+chunks retained on ``{topic}/blob/{id}/{i}``, then a small manifest (edgefl.messages.BlobManifest)
+on model/global (retained) or model/delta in its place. Devices fetch, verify and decode it
+exactly as the message sent whole (device/model_sync.py); one that connects later finds the
+retained manifest and chunks. The chunks of the version before are cleared once the next one is
+out; which blobs are retained is kept in the state directory (``retained-blobs.json``), so that a
+restarted aggregator clears what an earlier one left. What fits goes as one message, as before.
+
 ``bytes_per_device`` is what one device downloads to get the current version: the delta in
-delta mode (the full model for the first version), the full payload otherwise. A device that
-falls back to the full model also downloads that, which the aggregator cannot see.
+delta mode (the full model for the first version), the full payload otherwise (its manifest and
+chunks when chunked). A device that falls back to the full model also downloads that, which the
+aggregator cannot see.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
+from edgefl.atomic import write_atomic
+from edgefl.chunking import Blob, chunk_size_for, clear_chunks, fits, publish_chunks, split
 from edgefl.compression import (
     DenseCodec,
     DenseFp16Codec,
@@ -46,6 +61,7 @@ from edgefl.compression import (
 )
 from edgefl.config import CodecConfig, ConfigError
 from edgefl.messages import (
+    BlobManifest,
     GlobalModel,
     ModelDelta,
     apply_delta,
@@ -59,6 +75,78 @@ from edgefl.topics import Topics
 log = logging.getLogger(__name__)
 
 DOWNLINKS = ("fp32", "fp16", "int8", "delta")
+BLOBS_FILE = "retained-blobs.json"
+
+
+class RetainedBlobs:
+    """Sends a message whole when it fits the broker's packet limit, else as retained chunks and
+    a manifest; and clears the chunks no manifest names any more, this process's or an earlier
+    one's (listed in ``path``)."""
+
+    def __init__(self, link: MqttLink, path: Path | None) -> None:
+        self.link = link
+        self.path = path
+        self._held: dict[str, list[Blob]] = {}  # topic -> blobs whose chunks are retained
+        # the round loop publishes, and so does the network thread after a reconnect
+        self._lock = threading.Lock()
+        if path is not None and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                self._held = {t: [Blob(**b) for b in bs] for t, bs in saved.items()}
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                log.warning("ignoring %s (%s): chunks it listed stay on the broker", path, e)
+
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        manifest: Callable[[Blob], BlobManifest],
+        *,
+        retain: bool,
+    ) -> int:
+        """Publish ``payload`` on ``topic`` (QoS 1), whole or chunked; the bytes a receiver
+        downloads for it."""
+        with self._lock:
+            return self._send(topic, payload, manifest, retain)
+
+    def _send(
+        self, topic: str, payload: bytes, manifest: Callable[[Blob], BlobManifest], retain: bool
+    ) -> int:
+        limit = self.link.packet_limit
+        if fits(len(payload), limit):
+            self.link.publish(topic, payload, qos=1, retain=retain)
+            self._clear(topic, keep=None)
+            return len(payload)
+        blob, chunks = split(payload, chunk_size_for(limit))
+        if blob not in self._held.get(topic, []):
+            # remembered before it reaches the broker, so that no crash can leave it there unlisted
+            self._save({**self._held, topic: [*self._held.get(topic, []), blob]})
+        # in order on one connection: the chunks are retained before the manifest is delivered
+        publish_chunks(self.link, topic, blob, chunks, retain=True)
+        note = manifest(blob).to_payload()
+        self.link.publish(topic, note, qos=1, retain=retain)
+        self._clear(topic, keep=blob)
+        return len(note) + sum(len(c) for c in chunks)
+
+    def _clear(self, topic: str, keep: Blob | None) -> None:
+        """Clear the retained chunks under ``topic`` of every blob but ``keep``. A device still
+        fetching one of them reads the newer manifest next (model/global is retained; a
+        device that misses a delta fetches the full model)."""
+        held = self._held.get(topic, [])
+        old = [b for b in held if b != keep]
+        if not old:
+            return
+        for blob in old:
+            clear_chunks(self.link, topic, blob)
+        # the file is rewritten with the next chunked message; until then listing the cleared
+        # ones costs nothing but clearing them again
+        self._held[topic] = [keep] if keep is not None else []
+
+    def _save(self, held: dict[str, list[Blob]]) -> None:
+        self._held = held
+        if self.path is not None:
+            data = {t: [vars(b) for b in bs] for t, bs in held.items() if bs}
+            write_atomic(self.path, json.dumps(data))
 
 
 class ModelBroadcast:
@@ -69,6 +157,8 @@ class ModelBroadcast:
         model_name: str,
         spec: ModelSpec | None = None,
         codec: CodecConfig | None = None,
+        *,
+        state_dir: str | Path | None = None,
     ) -> None:
         cfg = codec or CodecConfig()
         if cfg.downlink not in DOWNLINKS:
@@ -77,6 +167,7 @@ class ModelBroadcast:
             )
         self.link = link
         self.topics = topics
+        self.blobs = RetainedBlobs(link, Path(state_dir) / BLOBS_FILE if state_dir else None)
         self.model_name = model_name
         self.spec = dict(spec) if spec is not None else None
         self.mode = cfg.downlink
@@ -175,13 +266,24 @@ class ModelBroadcast:
             full, delta = self._full_fp32(held, version, round_), None
             self._prepared = (version, held, full, None)
             self._residual = None
-        self.link.publish(self.topics.model_global, full, qos=1, retain=True)
+        full_bytes = self.blobs.send(
+            self.topics.model_global,
+            full,
+            lambda blob: BlobManifest("model", version, round_, blob),
+            retain=True,
+        )
         send_delta = delta is not None and self._delta_sent != version
+        delta_bytes = 0
         if send_delta:
             assert delta is not None
-            self.link.publish(self.topics.model_delta, delta, qos=1)
+            delta_bytes = self.blobs.send(
+                self.topics.model_delta,
+                delta,
+                lambda blob: BlobManifest("model_delta", version, round_, blob),
+                retain=False,
+            )
             self._delta_sent = version
             log.debug("model v%d: delta of %d bytes, full %d bytes", version, len(delta), len(full))
         if self._held is None or self._held[0] != version:
-            self.bytes_per_device = len(delta) if send_delta and delta is not None else len(full)
+            self.bytes_per_device = delta_bytes if send_delta else full_bytes
         self._held = (version, held)

@@ -37,7 +37,7 @@ from torch import nn
 
 from aggregator.registry import DeviceRecord, DeviceRegistry
 from aggregator.store import ModelStore, sha256_file
-from edgefl.chunking import CHUNK_OVERHEAD, Blob, chunk_topic, split
+from edgefl.chunking import Blob, chunk_size_for, clear_chunks, publish_chunks, split
 from edgefl.compression import WireError
 from edgefl.config import AggregatorConfig, BrokerConfig, DeployConfig
 from edgefl.data import Dataset
@@ -207,19 +207,13 @@ class Rollout:
         self.cfg = cfg
 
     def _chunk_size(self) -> int:
-        size = self.cfg.chunk_bytes
-        limit = self.link.max_packet_size
-        if limit:  # leave room for the topic, the MQTT header and the chunk's own fields
-            size = min(size, limit - CHUNK_OVERHEAD - 512)
-        return max(1024, size)
+        # chunk_bytes, or less if the broker takes less (``[broker] max_packet_bytes``, CONNACK)
+        return chunk_size_for(self.link.packet_limit, self.cfg.chunk_bytes)
 
     def _upload(self, body: bytes) -> Blob:
         blob, chunks = split(body, self._chunk_size())
-        infos = [
-            self.link.publish(chunk_topic(self.topics.model_onnx, blob, i), c, qos=1, retain=True)
-            for i, c in enumerate(chunks)
-        ]
-        for info in infos:
+        base = self.topics.model_onnx
+        for info in publish_chunks(self.link, base, blob, chunks, retain=True):
             info.wait_for_publish(timeout=30)
         return blob
 
@@ -230,9 +224,7 @@ class Rollout:
             blob = d.get("blob")
             if not blob or blob["sha256"] in keep or blob["sha256"] in cleared:
                 continue
-            b = Blob(**blob)
-            for i in range(b.count):
-                self.link.publish(chunk_topic(self.topics.model_onnx, b, i), b"", retain=True)
+            clear_chunks(self.link, self.topics.model_onnx, Blob(**blob))
             cleared.add(blob["sha256"])
 
     def publish(

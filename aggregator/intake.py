@@ -8,6 +8,10 @@ One forward path per kind of message, run in the network thread:
   ``limits.max_delta_abs``, folded into the round's accumulator exactly once
   (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the
   disk; anything else is acknowledged at once;
+- an update larger than the broker's packet limit comes as a manifest on the update topic and
+  chunks on devices/{id}/update/blob/{blob}/{i}: the manifest is checked against the open round,
+  the chunks are put back together per device (aggregator/reassembly.py), and the whole takes
+  the path above; the acknowledgements of the manifest and of every chunk are held with it;
 - a reply (a device that sends no update: declined, late, superseded), on its own topic:
   admitted, enrolled, decoded, handed to the round lifecycle, which may ask another device to
   step in.
@@ -28,11 +32,12 @@ import numpy as np
 
 from aggregator.enrolled import EnrolledDevices
 from aggregator.guard import Guard
+from aggregator.reassembly import PartialUpdates
 from aggregator.registry import DeviceRegistry
 from aggregator.rounds import Duplicate, NotParticipant, Round
 from edgefl.compression import ModelSpec, WireError
 from edgefl.config import AggregatorConfig
-from edgefl.messages import Reply, Status, Telemetry, decode_update
+from edgefl.messages import BlobManifest, Reply, Status, Telemetry, decode_update, is_manifest
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,8 @@ class Intake:
         self.enrolled = EnrolledDevices(cfg.enrolled_devices)
         self.guard = Guard(cfg.quarantine, on_quarantine)
         self.rejected: Counter[str] = Counter()  # updates and replies, by reason
+        # updates that come in chunks, until they are whole
+        self.partials = PartialUpdates(cfg.limits.max_update_bytes)
         self._strangers: set[str] = set()  # not enrolled, already logged once
 
     def _device_of(self, topic: str) -> str | None:
@@ -125,21 +132,121 @@ class Intake:
             ack()  # from a quarantined device: dropped unread
             return
         rnd = self._current_round()
-        if self.fold(topic, payload, rnd):
+        if is_manifest(payload):
+            self._expect_chunks(topic, payload, rnd, ack)
+        elif self.fold(topic, payload, rnd):
             assert rnd is not None
             rnd.hold_ack(ack)
         else:
             ack()  # rejected (and counted): nothing to keep
 
-    def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
-        """Validate an update and fold it into ``rnd``; True if it was accepted."""
+    def _expect_chunks(
+        self, topic: str, payload: bytes, rnd: Round | None, ack: Callable[[], None]
+    ) -> None:
+        """The manifest of a chunked update: checked against the open round before its chunks
+        take any memory, for a participant only."""
+        self._expire(rnd)
+        device_id = self._sender(topic, rnd)
+        if device_id is None:
+            ack()
+            return
+        try:
+            manifest = BlobManifest.from_payload(
+                payload, kind="update", max_bytes=self.cfg.limits.max_update_bytes
+            )
+        except WireError as e:
+            ack()
+            self._reject(device_id, e.reason, e.detail, rnd)
+            return
+        refusal = self._refusal(device_id, manifest, rnd)
+        if refusal is not None:
+            self.partials.refuse(device_id, manifest.blob.id)
+            ack()
+            self._reject(device_id, *refusal, rnd)
+            return
+        assert rnd is not None
+        try:
+            self.partials.begin(device_id, manifest, rnd.number, ack)
+        except WireError as e:  # acknowledged there
+            self._reject(device_id, e.reason, e.detail, rnd)
+
+    @staticmethod
+    def _refusal(
+        device_id: str, manifest: BlobManifest, rnd: Round | None
+    ) -> tuple[str, str] | None:
+        """Why a chunked update cannot be folded into ``rnd`` whatever its chunks hold, as the
+        update's own decoding would say it: (reason, detail), or None."""
+        if rnd is None:
+            return "no_round", "no round is open"
+        if manifest.round != rnd.number:
+            return "round", f"chunked update for round {manifest.round}, round {rnd.number} is open"
+        if manifest.version != rnd.base_version:
+            return "base_version", (
+                f"chunked update built on v{manifest.version}, round {rnd.number} builds on "
+                f"v{rnd.base_version}"
+            )
+        if device_id not in rnd.participants:
+            return "not_participant", f"not asked to work in round {rnd.number}"
+        return None
+
+    def update_chunk(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        """A chunk of an update, with the acknowledgement to send when it is safe: with the
+        update's other messages once its round is checkpointed if it was folded in, else at
+        once."""
+        parsed = self.topics.parse_update_chunk(topic)
+        if parsed is None:
+            ack()
+            self._reject(None, "topic", f"update chunk on unexpected topic {topic[:120]!r}", None)
+            return
+        device_id, blob_id, index = parsed
+        if not self.guard.admit(device_id):
+            ack()  # from a quarantined device: dropped unread
+            return
+        rnd = self._current_round()
+        self._expire(rnd)
+        if self._sender(self.topics.update(device_id), rnd) is None:
+            ack()
+            return
+        try:
+            got = self.partials.add(device_id, blob_id, index, payload, ack)
+        except WireError as e:  # acknowledged there
+            self._reject(device_id, e.reason, e.detail, rnd)
+            return
+        if got is None:
+            return
+        whole, acks = got
+        # the partial was for the open round (expired otherwise): the update takes the path of
+        # one sent in one piece, and every message that brought it is acknowledged with it
+        if self.fold(self.topics.update(device_id), whole, rnd):
+            assert rnd is not None
+            for held in acks:
+                rnd.hold_ack(held)
+        else:
+            for held in acks:
+                held()
+
+    def _expire(self, rnd: Round | None) -> None:
+        """Drop the partial updates of rounds that closed (their messages acknowledged)."""
+        for device_id in self.partials.expire(rnd.number if rnd else None):
+            self._reject(device_id, "incomplete", "chunked update incomplete when its round "
+                         "closed", None)
+
+    def _sender(self, topic: str, rnd: Round | None) -> str | None:
+        """The enrolled device an update comes from; None (rejected and counted) otherwise."""
         device_id = self._device_of(topic)
         if device_id is None:
             self._reject(None, "topic", f"update on unexpected topic {topic[:120]!r}", rnd)
-            return False
+            return None
         if device_id not in self.enrolled:
             self._stranger(device_id)
             self._reject(device_id, "not_enrolled", "device is not enrolled", rnd)
+            return None
+        return device_id
+
+    def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
+        """Validate an update and fold it into ``rnd``; True if it was accepted."""
+        device_id = self._sender(topic, rnd)
+        if device_id is None:
             return False
         limits = self.cfg.limits
         try:

@@ -126,7 +126,7 @@ class Aggregator:
             manual_ack=True,
         )
         self.broadcast = ModelBroadcast(
-            self.link, self.topics, cfg.model.name, self.spec, cfg.codec
+            self.link, self.topics, cfg.model.name, self.spec, cfg.codec, state_dir=self.state_dir
         )
         self.store = deploy.store_for(cfg.state_dir)
         self.rollout = deploy.Rollout(
@@ -135,6 +135,7 @@ class Aggregator:
         self.link.subscribe(self.topics.all_devices("status"), self.intake.status)
         self.link.subscribe(self.topics.all_devices("telemetry"), self.intake.telemetry, qos=0)
         self.link.subscribe(self.topics.all_devices("update"), self.intake.update, defer_ack=True)
+        self.link.subscribe(self.topics.all_update_chunks, self.intake.update_chunk, defer_ack=True)
         self.link.subscribe(self.topics.all_devices("reply"), self.intake.reply)
         self.link.subscribe(dynsec.RESPONSE_TOPIC, self._on_dynsec_response, qos=0)
 

@@ -41,7 +41,7 @@ from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
 from device.profiles import make_hardware
 from device.telemetry import capabilities
-from device.updates import UpdateEncoder
+from device.updates import UpdateEncoder, publish_update
 from edgefl import __version__
 from edgefl.compression import CODECS, WireError
 from edgefl.config import DeviceConfig
@@ -393,13 +393,16 @@ class DeviceAgent:
             self._reply(task, "late", "finished after the deadline", {"cpu_s": cpu_s})
             return
         self.encoder.commit()  # its error feedback is now the device's (device/updates.py)
-        # a real device times its update until the PUBACK, for its uplink estimate
-        nbytes = len(payload)
-        self.link.publish(
-            self.topics.update(self.id),
+        # in one message, or in chunks if it is larger than the broker's packet limit; a real
+        # device times it until the PUBACK of its last message, for its uplink estimate
+        nbytes, sent_at = len(payload), time.monotonic()
+        publish_update(
+            self.link,
+            self.topics,
+            self.id,
+            task,
             payload,
-            qos=1,
-            on_acked=(lambda s: self.hardware.observe_upload(nbytes, s))
+            on_acked=(lambda _s: self.hardware.observe_upload(nbytes, time.monotonic() - sent_at))
             if self.hardware.measures_link
             else None,
         )

@@ -13,6 +13,12 @@ holds the current model in full, whenever it cannot follow:
 - a task names a version it does not hold, and no delta brought it within ``wait_s``.
 
 A delta older than the model held, or for the model held (a QoS 1 redelivery), is ignored.
+
+A model or delta larger than the broker's packet limit comes as a manifest in its place
+(edgefl.messages.BlobManifest; aggregator/broadcast.py): the device subscribes to the blob's
+retained chunks, checks each one and the whole against its SHA-256 (edgefl/chunking.py), and
+decodes the whole exactly as the message sent in one piece. A manifest of the version it holds
+(a retained manifest comes again on every subscription) is not fetched again.
 """
 
 from __future__ import annotations
@@ -20,19 +26,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from edgefl.chunking import Assembler, chunk_filter
 from edgefl.compression import ModelSpec, WireError
 from edgefl.messages import (
+    MAX_MODEL_BYTES,
+    BlobManifest,
     GlobalModel,
     apply_delta,
     decode_model,
     decode_model_delta,
+    is_manifest,
     weights_digest,
 )
 from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Fetch:
+    """A chunked model or delta on its way: its manifest, its chunks so far, what takes it."""
+
+    manifest: BlobManifest
+    assembler: Assembler
+    topic_filter: str
+    then: Callable[[bytes], None]
 
 
 class ModelSync:
@@ -68,6 +89,7 @@ class ModelSync:
         self.reading_full = False
         self.full_fetches = 0  # times it went back to model/global for a full model
         self.deltas_applied = 0
+        self._fetches: dict[str, _Fetch] = {}  # base topic -> the chunked message on its way
         link.subscribe(topics.model_delta, self._on_delta)
         self.fetch_full()
 
@@ -107,6 +129,79 @@ class ModelSync:
     # -- network thread -----------------------------------------------------------------------
 
     def _on_full(self, _topic: str, payload: bytes) -> None:
+        if is_manifest(payload):
+            self._fetch(self.topics.model_global, "model", payload, self._full)
+        else:
+            self._full(payload)
+
+    def _on_delta(self, _topic: str, payload: bytes) -> None:
+        if is_manifest(payload):
+            self._fetch(self.topics.model_delta, "model_delta", payload, self._delta)
+        else:
+            self._delta(payload)
+
+    # -- chunked models and deltas ----------------------------------------------------------------
+
+    def _fetch(
+        self, base: str, kind: str, payload: bytes, then: Callable[[bytes], None]
+    ) -> None:
+        """Follow a manifest: fetch the chunks of the blob it names, unless it brings nothing
+        new."""
+        try:
+            manifest = BlobManifest.from_payload(payload, kind=kind, max_bytes=MAX_MODEL_BYTES)
+        except WireError as e:
+            self._reject(e.reason)
+            log.warning("%s: ignored %s manifest: %s", self.id, kind, e)
+            return
+        held = self._held()
+        if kind == "model" and held is not None and held.version == manifest.version:
+            if held.deltas:  # as the full model itself would have said
+                self._leave_full()
+            return
+        if kind == "model_delta" and (held is None or manifest.version <= held.version):
+            return  # the full model is on its way; or old news, as for a delta sent whole
+        topic_filter = chunk_filter(base, manifest.blob)
+        with self._lock:
+            old = self._fetches.get(base)
+            if old is not None and old.manifest.blob == manifest.blob:
+                return  # already on its way
+            self._fetches[base] = _Fetch(
+                manifest, Assembler(manifest.blob, MAX_MODEL_BYTES), topic_filter, then
+            )
+        if old is not None:
+            self.link.unsubscribe(old.topic_filter)
+        self.link.subscribe(topic_filter, lambda _t, p: self._on_chunk(base, p))
+
+    def _on_chunk(self, base: str, payload: bytes) -> None:
+        with self._lock:
+            fetch = self._fetches.get(base)
+        if fetch is None or not payload:  # not fetching, or a retained chunk being cleared
+            return
+        try:
+            whole = fetch.assembler.add(payload)
+        except WireError as e:
+            self._reject(e.reason)
+            log.warning("%s: bad chunk of %s v%d: %s", self.id, fetch.manifest.kind,
+                        fetch.manifest.version, e)
+            self._end_fetch(base, fetch)
+            if base == self.topics.model_delta:
+                self.fetch_full()
+            return
+        if whole is not None and self._end_fetch(base, fetch):
+            fetch.then(whole)
+
+    def _end_fetch(self, base: str, fetch: _Fetch) -> bool:
+        """Stop fetching ``fetch``; False if another fetch replaced it meanwhile."""
+        with self._lock:
+            if self._fetches.get(base) is not fetch:
+                return False
+            del self._fetches[base]
+        self.link.unsubscribe(fetch.topic_filter)
+        return True
+
+    # -- whole models and deltas --------------------------------------------------------------
+
+    def _full(self, payload: bytes) -> None:
         try:
             msg = decode_model(payload, spec=self.spec, model=self.model_name)
         except WireError as e:
@@ -117,7 +212,7 @@ class ModelSync:
         if msg.deltas:
             self._leave_full()
 
-    def _on_delta(self, _topic: str, payload: bytes) -> None:
+    def _delta(self, payload: bytes) -> None:
         try:
             delta = decode_model_delta(payload, spec=self.spec, model=self.model_name)
         except WireError as e:

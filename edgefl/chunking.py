@@ -9,13 +9,21 @@ manifest elsewhere says which blob to fetch, its size and how it was cut.
 The receiving side trusts nothing: each chunk is checked against the manifest (blob id, index,
 count, exact length) before it is kept, memory is bounded by the manifest's size, and the whole
 is accepted only if its SHA-256 matches.
+
+One mechanism for everything that can outgrow a packet: ONNX rollouts (aggregator/deploy.py),
+the global model and its deltas (aggregator/broadcast.py, device/model_sync.py) and dense
+updates (device/updates.py, aggregator/reassembly.py). A sender splits a payload only when it
+would not fit the broker's packet limit (:func:`fits`), so a model and updates that fit travel
+as one message, exactly as they did before chunking existed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 
@@ -26,6 +34,18 @@ FORMAT_VERSION = 1
 MAX_CHUNKS = 4096
 ID_LEN = 16  # hex digits of the SHA-256 that name a blob in topics
 CHUNK_OVERHEAD = 128  # room for the chunk's own fields within a packet
+# room for the topic and the MQTT headers around a payload (a PUBLISH adds 1 + 4 + 2 + 2 + 1 bytes
+# to its topic; edgefl's topics stay under 200 bytes)
+PACKET_OVERHEAD = 512
+MIN_CHUNK = 1024
+
+
+class Publisher(Protocol):
+    """What publishing chunks needs of a connection (edgefl.mqtt.MqttLink)."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, on_acked: Any = None
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,46 @@ def chunk_filter(base: str, blob: Blob) -> str:
 
 def chunk_topic(base: str, blob: Blob, index: int) -> str:
     return f"{base}/blob/{blob.id}/{index}"
+
+
+def fits(payload_bytes: int, limit: int | None) -> bool:
+    """Whether a payload of ``payload_bytes`` travels as one MQTT packet under the broker's
+    ``limit`` (None: no limit known)."""
+    return limit is None or payload_bytes + PACKET_OVERHEAD <= limit
+
+
+def chunk_size_for(limit: int | None, preferred: int | None = None) -> int:
+    """The largest chunk whose packet fits ``limit``, at most ``preferred``, at least
+    MIN_CHUNK."""
+    size = preferred if preferred is not None else 1 << 30
+    if limit:  # leave room for the topic, the MQTT header and the chunk's own fields
+        size = min(size, limit - CHUNK_OVERHEAD - PACKET_OVERHEAD)
+    return max(MIN_CHUNK, size)
+
+
+def publish_chunks(
+    link: Publisher,
+    base: str,
+    blob: Blob,
+    chunks: list[bytes],
+    *,
+    retain: bool,
+    on_acked: Callable[[float], None] | None = None,
+) -> list[Any]:
+    """Publish the chunks :func:`split` made of ``blob`` under ``base`` (QoS 1), in order; each
+    one's publish handle. ``on_acked`` goes with the last chunk (edgefl.mqtt.MqttLink.publish)."""
+    last = len(chunks) - 1
+    return [
+        link.publish(chunk_topic(base, blob, i), c, qos=1, retain=retain,
+                     on_acked=on_acked if i == last else None)
+        for i, c in enumerate(chunks)
+    ]
+
+
+def clear_chunks(link: Publisher, base: str, blob: Blob) -> None:
+    """Delete the retained chunks of ``blob`` (an empty retained message clears a topic)."""
+    for i in range(blob.count):
+        link.publish(chunk_topic(base, blob, i), b"", qos=1, retain=True)
 
 
 def split(payload: bytes, chunk_size: int) -> tuple[Blob, list[bytes]]:
@@ -105,7 +165,10 @@ class Assembler:
     def missing(self) -> int:
         return self.blob.count - len(self._parts)
 
-    def add(self, payload: bytes) -> bytes | None:
+    def add(self, payload: bytes, index: int | None = None, strict: bool = False) -> bytes | None:
+        """Keep one chunk; the whole payload once every chunk is in, else None. ``index`` is
+        the chunk's number as its topic gives it, which its own must match. A chunk of another
+        blob is ignored (a retained chunk of an older rollout), or refused when ``strict``."""
         b = self.blob
         if (
             not isinstance(payload, (bytes, bytearray))
@@ -123,10 +186,14 @@ class Assembler:
         if type(obj.get("v")) is not int or obj["v"] != FORMAT_VERSION:
             raise WireError("version", f"chunk format version {obj.get('v')!r}")
         if obj.get("id") != b.id:
+            if strict:
+                raise WireError("malformed", "chunk of another blob than its topic names")
             return None  # a chunk of another blob (an older rollout); not ours to judge
         i, n, data = obj.get("i"), obj.get("n"), obj.get("data")
         if type(i) is not int or type(n) is not int or not isinstance(data, bytes):
             raise WireError("malformed", "chunk fields have the wrong types")
+        if index is not None and i != index:
+            raise WireError("malformed", f"chunk {i} on the topic of chunk {index}")
         if n != b.count or not 0 <= i < n:
             raise WireError("malformed", f"chunk {i} of {n}; the manifest says {b.count} chunks")
         expected = b.chunk_size if i < n - 1 else b.size - b.chunk_size * (n - 1)

@@ -47,6 +47,11 @@ class BrokerConfig:
     # How long the broker keeps our subscriptions and queued QoS 1 messages while we are away.
     session_expiry_s: int = 3600
     connect_timeout_s: float = 10.0
+    # The largest MQTT packet the broker accepts, in bytes; 0 = what the broker announces (MQTT
+    # 5 CONNACK, as Mosquitto does), else no limit. Set it for a broker that caps messages
+    # without saying so (managed brokers: 128-256 KB). Whatever would not fit the smaller of
+    # the two travels in chunks (edgefl/chunking.py): the global model, deltas, updates, ONNX.
+    max_packet_bytes: int = 0
 
 
 @dataclass
@@ -418,6 +423,10 @@ class DemoConfig:
     solo_device: bool = True
     runs_dir: str = "runs"
     telemetry_interval_s: float = 10.0
+    # Cap the private broker's packet limit (bytes; 0 = derived from the model, broker/limits.py)
+    # like a managed broker's, e.g. 262144: then every model, delta, dense update and ONNX file
+    # larger than that travels in chunks, as it must on such a broker.
+    max_packet_bytes: int = 0
 
 
 @dataclass

@@ -47,8 +47,12 @@ class Will:
 
 
 def _kind(topic: str) -> str:
-    """The last level of a topic ("update", "task", "global" ...), for byte accounting."""
-    return topic.rsplit("/", 1)[-1]
+    """The last level of a topic ("update", "task", "global" ...), for byte accounting; the
+    chunks of a payload (``{topic}/blob/{id}/{i}``, edgefl/chunking.py) count as their topic's."""
+    levels = topic.rsplit("/", 4)
+    if len(levels) == 5 and levels[2] == "blob":
+        return levels[1]
+    return levels[-1]
 
 
 def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
@@ -227,6 +231,13 @@ class MqttLink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def packet_limit(self) -> int | None:
+        """The largest MQTT packet this link may send: the smaller of ``[broker]
+        max_packet_bytes`` and what the broker announced in its CONNACK; None if neither says."""
+        known = [n for n in (self.broker.max_packet_bytes, self.max_packet_size) if n]
+        return min(known) if known else None
 
     # -- traffic ------------------------------------------------------------------------------
 

@@ -9,12 +9,17 @@ edgefl/{fleet}/model/global             aggregator -> devices QoS 1, retained
 edgefl/{fleet}/model/delta              aggregator -> devices QoS 1 (downlink "delta" only)
 edgefl/{fleet}/model/onnx               aggregator -> devices QoS 1, retained
 edgefl/{fleet}/aggregator/status        aggregator -> all     QoS 1, retained
+
+A message too large for one packet goes on its topic as a manifest, its chunks on
+``{topic}/blob/{id}/{i}`` (edgefl/chunking.py, edgefl/messages/blob.py): model/global/blob/...
+and model/delta/blob/... retained, devices/{id}/update/blob/... not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgefl.chunking import ID_LEN, MAX_CHUNKS
 from edgefl.config import NAME_RE, check_name
 
 DEVICE_KINDS = ("status", "telemetry", "task", "update", "reply")
@@ -58,6 +63,30 @@ class Topics:
         if kind not in DEVICE_KINDS:
             raise ValueError(f"unknown device topic kind {kind!r}")
         return f"{self.root}/devices/+/{kind}"
+
+    @property
+    def all_update_chunks(self) -> str:
+        """Subscription filter for the chunks of every device's chunked updates."""
+        return f"{self.root}/devices/+/update/blob/+/+"
+
+    def parse_update_chunk(self, topic: str) -> tuple[str, str, int] | None:
+        """``(device_id, blob_id, index)`` for the topic of an update's chunk, else None (never
+        raises)."""
+        parts = topic.split("/")
+        if (
+            len(parts) != 8
+            or parts[:3] != ["edgefl", self.fleet, "devices"]
+            or parts[4:6] != ["update", "blob"]
+            or not NAME_RE.match(parts[3])
+            or len(parts[6]) != ID_LEN
+            or any(c not in "0123456789abcdef" for c in parts[6])
+            or not parts[7].isascii()
+            or not parts[7].isdigit()
+            or len(parts[7]) > 4
+            or int(parts[7]) >= MAX_CHUNKS
+        ):
+            return None
+        return parts[3], parts[6], int(parts[7])
 
     @property
     def model_global(self) -> str:

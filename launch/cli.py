@@ -137,7 +137,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
         tls_port=args.tls_port,
         plain_bind=args.plain_bind,
         plain=not args.no_plain,
-        limits=limits_for_model(args.model, args.chunk_bytes, args.devices),
+        limits=limits_for_model(
+            args.model, args.chunk_bytes, args.devices, max_packet_bytes=args.max_packet_bytes
+        ),
     )
 
 
@@ -383,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1000,
         help="how many devices the fleet may grow to: sizes the queue limits",
+    )
+    b.add_argument(
+        "--max-packet-bytes",
+        type=int,
+        default=0,
+        help="cap the packet limit (e.g. 262144, as managed brokers do); larger models and "
+        "updates then travel in chunks",
     )
     b.set_defaults(func=cmd_broker)
 

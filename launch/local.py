@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 from edgefl.atomic import write_atomic
 from edgefl.config import (
     AggregatorConfig,
+    BrokerConfig,
     ConfigError,
     DeviceConfig,
     RunConfig,
@@ -176,6 +177,7 @@ def run_local(
     finished by itself; that stop is not an error."""
     from aggregator.enrolled import LIST_FILE, add_ids
     from broker import PrivateBroker
+    from broker.limits import limits_for_model
     from edgefl.messages import AggregatorStatus
     from edgefl.mqtt import MqttLink
 
@@ -198,11 +200,23 @@ def run_local(
     result = RunResult(ok=False, run_dir=run_dir)
     marks: dict[str, float] = {}
 
-    with PrivateBroker(cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids) as broker:
+    # the packet limit follows the model, capped by [demo] max_packet_bytes as a managed
+    # broker's would be; every client is told it (and Mosquitto's CONNACK says it too)
+    limits = limits_for_model(
+        cfg.model.name, cfg.deploy.chunk_bytes, max_packet_bytes=cfg.demo.max_packet_bytes
+    )
+    with PrivateBroker(
+        cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids, limits=limits
+    ) as broker:
         marks["broker_up_s"] = time.perf_counter() - t0
+
+        def client(account: Any) -> BrokerConfig:
+            cap = cfg.demo.max_packet_bytes
+            return replace(broker.broker_config(account), max_packet_bytes=cap)
+
         agg_cfg = AggregatorConfig(
             **cfg.federation(),
-            broker=broker.broker_config(broker.aggregator),
+            broker=client(broker.aggregator),
             eval_data=str(run_dir / "data" / "test.npz"),
             state_dir=str(run_dir / "aggregator"),
         )
@@ -216,7 +230,7 @@ def run_local(
             dcfg = DeviceConfig(
                 fleet=cfg.fleet,
                 device_id=device_id,
-                broker=broker.broker_config(broker.device_account(device_id)),
+                broker=client(broker.device_account(device_id)),
                 data=str(run_dir / "data" / f"{device_id}.npz"),
                 model=cfg.model,
                 state_dir=str(run_dir / "devices" / device_id),

@@ -41,6 +41,7 @@ from broker import (
     verify_password,
     write_password_file,
 )
+from broker.limits import DEFAULT_LIMITS, MIN_PACKET_BYTES, limits_for_model
 from edgefl.config import BrokerConfig, ConfigError
 from tests.conftest import wait_until
 
@@ -229,6 +230,22 @@ def test_device_update_reaches_the_aggregator(broker: PrivateBroker, peers: list
         assert (msg.topic, msg.payload) == (topic(f"devices/dev-a/{kind}"), kind.encode())
 
 
+def test_update_chunks_reach_the_aggregator_from_their_own_device_only(
+    broker: PrivateBroker, peers: list[Peer]
+) -> None:
+    agg = online(peers, broker, broker.aggregator, "agg")
+    agg.subscribe(topic("devices/+/update/blob/+/+"))
+    dev_a = online(peers, broker, broker.device_account("dev-a"), "a")
+    chunk = "update/blob/0123456789abcdef/0"
+    assert dev_a.publish(topic(f"devices/dev-b/{chunk}"), b"forged").value == NOT_AUTHORIZED
+    # only the chunk levels: nothing deeper or elsewhere under the update topic
+    assert dev_a.publish(topic(f"devices/dev-a/{chunk}/x"), b"deep").value == NOT_AUTHORIZED
+    assert dev_a.publish(topic("devices/dev-a/update/other"), b"x").value == NOT_AUTHORIZED
+    assert not dev_a.publish(topic(f"devices/dev-a/{chunk}"), b"chunk").is_failure
+    got = agg.receive_until(b"chunk")
+    assert [m.topic for m in got] == [topic(f"devices/dev-a/{chunk}")]
+
+
 def test_device_cannot_publish_as_another_device(broker: PrivateBroker, peers: list[Peer]) -> None:
     agg = online(peers, broker, broker.aggregator, "agg")
     agg.subscribe(topic("devices/+/update"))
@@ -351,6 +368,21 @@ def test_message_over_max_packet_size_drops_the_connection(peers: list[Peer]) ->
         assert dev.disconnected.wait(TIMEOUT), "oversized publish did not drop the connection"
         assert dev.disconnect_rc is not None and dev.disconnect_rc.value == PACKET_TOO_LARGE
         assert agg.messages.empty()
+
+
+def test_the_broker_limit_can_be_capped_and_is_unchanged_otherwise() -> None:
+    # the default (B1) is what it always was: the dense model fits one packet
+    assert limits_for_model("mlp_digits") == DEFAULT_LIMITS
+    assert DEFAULT_LIMITS.max_packet_size == 164 * 1024
+    mnist = limits_for_model("mlp_mnist")
+    assert mnist.max_packet_size > 4 * 101_770  # 407 KB dense
+    capped = limits_for_model("mlp_mnist", max_packet_bytes=256 * 1024)
+    assert capped.max_packet_size == 256 * 1024
+    assert capped.max_queued_bytes == mnist.max_queued_bytes  # the same bytes, in more packets
+    # a cap above the derived limit changes nothing
+    assert limits_for_model("mlp_digits", max_packet_bytes=1 << 20) == DEFAULT_LIMITS
+    with pytest.raises(ConfigError, match="too small"):
+        limits_for_model("mlp_digits", max_packet_bytes=MIN_PACKET_BYTES - 1)
 
 
 def test_restart_keeps_port_and_retained_messages(peers: list[Peer]) -> None:

@@ -187,3 +187,27 @@ def test_no_plain_without_tls_is_a_configuration_error(capsys) -> None:
         assert "TLS" in capsys.readouterr().err
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_packet_limit_can_be_capped_and_clients_learn_it(capsys) -> None:
+    workdir = deployment_dir()
+    try:
+        port = free_port()
+        options = ["--bind", "127.0.0.1", "--port", str(port), "--model", "mlp_mnist"]
+        with edgefl_broker(workdir, *options, "--max-packet-bytes", "262144") as code:
+            wait_for(lambda: not _refused("127.0.0.1", port), "the listener")
+            secret = (workdir / "aggregator.secret").read_text().strip()
+            cfg = BrokerConfig(port=port, username="aggregator", password=secret)
+            link = MqttLink("test-limit", cfg).start()
+            try:
+                # mlp_mnist alone would get 504 KiB; the cap is what its CONNACK says
+                assert link.max_packet_size == link.packet_limit == 262144
+            finally:
+                link.stop()
+        assert code == [0]
+        # too small for a chunk and its headers: refused before anything starts
+        assert edgefl(["broker", "--dir", str(workdir), "--fleet", FLEET,
+                       "--max-packet-bytes", "1000"]) == 2
+        assert "too small" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

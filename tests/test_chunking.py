@@ -10,9 +10,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefl.chunking import MAX_CHUNKS, Assembler, Blob, chunk_filter, chunk_topic, split
+from edgefl.chunking import (
+    CHUNK_OVERHEAD,
+    MAX_CHUNKS,
+    MIN_CHUNK,
+    PACKET_OVERHEAD,
+    Assembler,
+    Blob,
+    chunk_filter,
+    chunk_size_for,
+    chunk_topic,
+    fits,
+    split,
+)
 from edgefl.compression import WireError
-from edgefl.messages import FORMAT_VERSION, Deployment
+from edgefl.messages import (
+    COMPACT_MAGIC,
+    FORMAT_VERSION,
+    BlobManifest,
+    Deployment,
+    is_manifest,
+)
+from edgefl.topics import Topics
 
 BODY = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes: not a multiple of the chunk size
 
@@ -205,3 +224,90 @@ def test_manifest_rejections(change: dict, reason: str) -> None:
 def test_manifest_bigger_than_the_device_allows() -> None:
     obj = json.loads(_deployment().to_payload())
     _manifest_rejected(obj, "malformed", max_bytes=1000)
+
+
+# -- what any message too large for a packet uses: the limit, the blob manifest, chunk topics --
+
+
+def test_a_payload_is_split_only_when_it_would_not_fit_the_packet_limit() -> None:
+    assert fits(10_000, None)  # no limit known: one message, as before chunking
+    assert fits(10_000, 10_000 + PACKET_OVERHEAD)
+    assert not fits(10_001, 10_000 + PACKET_OVERHEAD)
+    # a chunk, its own fields, topic and headers fit the limit, and never exceed `preferred`
+    assert chunk_size_for(16384) == 16384 - CHUNK_OVERHEAD - PACKET_OVERHEAD
+    assert chunk_size_for(16384, preferred=4096) == 4096
+    assert chunk_size_for(None, preferred=4096) == 4096
+    assert chunk_size_for(100) == MIN_CHUNK
+
+
+def test_the_assembler_checks_the_topic_index_and_strictly_the_blob() -> None:
+    blob, chunks = split(BODY, 4096)
+    a = Assembler(blob, 1 << 20)
+    with pytest.raises(WireError, match="topic of chunk 2") as info:
+        a.add(chunks[0], index=2)
+    assert info.value.reason == "malformed"
+    other, other_chunks = split(BODY[::-1], 4096)
+    assert a.add(other_chunks[0]) is None  # a retained chunk of an older rollout: ignored
+    with pytest.raises(WireError, match="another blob"):
+        a.add(other_chunks[0], strict=True)
+    assert a.missing == 3
+
+
+def test_blob_manifest_round_trip_and_is_told_apart_from_the_message() -> None:
+    blob, _ = split(BODY, 1000)
+    sent = BlobManifest("update", 4, 5, blob)
+    payload = sent.to_payload()
+    assert is_manifest(payload)
+    assert BlobManifest.from_payload(payload, kind="update", max_bytes=1 << 20) == sent
+    # what a manifest stands in for never starts like one
+    assert not is_manifest(bytes([COMPACT_MAGIC]) + b"\x02")
+    assert not is_manifest(msgpack.packb({"fmt": "edgefl.model"}))
+    assert not is_manifest(b"")
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"kind": "model"}, "malformed"),  # a model manifest on an update topic
+        ({"v": 1}, "version"),
+        ({"fmt": "edgefl.chunk"}, "malformed"),
+        ({"chunks": 3}, "malformed"),
+        ({"chunk_size": 0}, "malformed"),
+        ({"sha256": "ABC"}, "malformed"),
+        ({"round": -1}, "malformed"),
+        ({"version": True}, "malformed"),
+        ({"extra": 1}, "malformed"),
+        ({"size": 1 << 21}, "too_large"),
+    ],
+)
+def test_blob_manifest_rejections(change: dict, reason: str) -> None:
+    obj = json.loads(BlobManifest("update", 0, 1, split(BODY, 1000)[0]).to_payload())
+    obj.update(change)
+    if "size" in change:
+        obj["chunk_size"] = change["size"]
+        obj["chunks"] = 1
+    with pytest.raises(WireError) as info:
+        BlobManifest.from_payload(json.dumps(obj).encode(), kind="update", max_bytes=1 << 20)
+    assert info.value.reason == reason, str(info.value)
+
+
+def test_update_chunk_topics_parse_strictly() -> None:
+    t = Topics("fleet")
+    blob, _ = split(BODY, 1000)
+    topic = chunk_topic(t.update("dev-1"), blob, 7)
+    assert t.parse_update_chunk(topic) == ("dev-1", blob.id, 7)
+    assert t.all_update_chunks == "edgefl/fleet/devices/+/update/blob/+/+"
+    for bad in [
+        t.update("dev-1"),
+        topic.replace("/update/", "/status/"),
+        topic.replace("edgefl/fleet/", "edgefl/other/"),
+        topic[:-1] + "x",
+        topic[:-1] + "-1",
+        topic[:-1] + "\u0663",  # a digit, but not an ASCII one
+        topic[:-1] + str(MAX_CHUNKS),
+        topic.replace(blob.id, blob.id.upper()),
+        topic.replace(blob.id, blob.id[:-1]),
+        topic + "/0",
+        topic.replace("dev-1", "Dev 1"),
+    ]:
+        assert t.parse_update_chunk(bad) is None, bad

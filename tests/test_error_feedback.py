@@ -255,6 +255,8 @@ def test_the_encoder_sends_compact_updates_and_keeps_feedback_only_on_commit(tmp
 
 
 class FakeLink:
+    packet_limit = None  # no packet limit known: every model goes whole
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bool]] = []
         self.subscribed: dict[str, object] = {}

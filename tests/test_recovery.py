@@ -1,6 +1,7 @@
 """The aggregator killed with SIGKILL in mid-round, then restarted: it takes the round up again,
 and every update accepted before the kill is folded in exactly once (the broker redelivers the
-ones not yet acknowledged, and acknowledgements wait for the checkpoint)."""
+ones not yet acknowledged, and acknowledgements wait for the checkpoint), whether updates come
+whole or in chunks."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from aggregator.checkpoint import Checkpointer
+from broker import PrivateBroker
 from edgefl.config import to_dict, to_toml
 from edgefl.data import save_npz
 from edgefl.messages import AggregatorStatus
@@ -25,6 +29,14 @@ from tests.conftest import FLEET
 from tests.test_faults import _slow
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=[None, 8192], ids=["whole", "chunked"])
+def broker(request, tmp_path: Path) -> Iterator[PrivateBroker]:
+    """conftest's broker, and one whose packet limit cuts every update into chunks (the
+    manifest and the chunks of each are redelivered, and held, like one whole message)."""
+    with PrivateBroker(FLEET, workdir=tmp_path / "broker", max_packet_size=request.param) as b:
+        yield b
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen:

@@ -10,6 +10,8 @@ module             what it holds
 ``control``        task, telemetry, device status and capabilities (power model), aggregator
                    status, reply: JSON, so that ``mosquitto_sub`` shows them readably
 ``deployment``     the rollout manifest of an ONNX model (JSON)
+``blob``           the manifest of a model, delta or update too large for one packet, sent in
+                   chunks (JSON; edgefl/chunking.py)
 =================  ==========================================================================
 
 No decoder can run code: MessagePack extension types are refused and JSON has none. Everything
@@ -19,6 +21,7 @@ another format version is refused with the reason ``version``. The rest of edgef
 valid objects.
 """
 
+from edgefl.messages.blob import BLOB_FORMAT, BLOB_KINDS, BlobManifest, is_manifest
 from edgefl.messages.checks import (
     FORMAT_VERSION,
     MAX_CONTROL_BYTES,
@@ -43,6 +46,7 @@ from edgefl.messages.control import (
 )
 from edgefl.messages.deployment import MAX_ONNX_BYTES, VARIANTS, Deployment
 from edgefl.messages.model import (
+    MAX_MODEL_BYTES,
     MODEL_DELTA_FORMAT,
     MODEL_FORMAT,
     GlobalModel,
@@ -57,12 +61,15 @@ from edgefl.messages.model import (
 from edgefl.messages.update import COMPACT_MAGIC, Update, decode_update, encode_compact_update
 
 __all__ = [
+    "BLOB_FORMAT",
+    "BLOB_KINDS",
     "CAPABILITIES",
     "COMPACT_MAGIC",
     "FORMAT_VERSION",
     "MAX_CONTROL_BYTES",
     "MAX_COUNT",
     "MAX_METRICS",
+    "MAX_MODEL_BYTES",
     "MAX_ONNX_BYTES",
     "MAX_SAMPLES",
     "MAX_TIME",
@@ -73,6 +80,7 @@ __all__ = [
     "REPLY_KINDS",
     "VARIANTS",
     "AggregatorStatus",
+    "BlobManifest",
     "Deployment",
     "GlobalModel",
     "ModelDelta",
@@ -90,6 +98,7 @@ __all__ = [
     "encode_compact_update",
     "encode_model",
     "encode_model_delta",
+    "is_manifest",
     "unpack",
     "weights_digest",
 ]

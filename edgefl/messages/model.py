@@ -18,6 +18,8 @@ from edgefl.messages.checks import FORMAT_VERSION
 
 MODEL_FORMAT = "edgefl.model"
 MODEL_DELTA_FORMAT = "edgefl.model_delta"
+# the largest model or delta message a device accepts, in one piece or in chunks
+MAX_MODEL_BYTES = 64 << 20
 
 
 @dataclass
@@ -54,7 +56,7 @@ def encode_model(msg: GlobalModel, codec: Codec, data: Any = None) -> bytes:
 
 
 def decode_model(
-    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20
+    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = MAX_MODEL_BYTES
 ) -> GlobalModel:
     """The global model from its retained message, its SHA-256 verified."""
     what = "global model"
@@ -133,7 +135,7 @@ def encode_model_delta(msg: ModelDelta, codec: Codec, data: Any = None) -> bytes
 
 
 def decode_model_delta(
-    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = 64 << 20
+    payload: bytes, *, spec: ModelSpec, model: str, max_bytes: int = MAX_MODEL_BYTES
 ) -> ModelDelta:
     what = "model delta"
     obj = checks.read_msgpack(payload, what, MODEL_DELTA_FORMAT, max_bytes)
