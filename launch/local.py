@@ -372,7 +372,9 @@ def _spawn(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
 def _follow(path: Path, seen: int, rounds: list, show: _Progress) -> int:
     if not path.exists():
         return seen
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    # only whole lines: the aggregator may be writing the last one as we read
+    lines = text[: text.rfind("\n") + 1].splitlines()
     for line in lines[seen:]:
         if line.strip():
             m = json.loads(line)
