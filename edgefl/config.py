@@ -158,6 +158,15 @@ class CodecConfig:
     downlink_bits: int = 8
     downlink_block: int = 64
 
+    def __post_init__(self) -> None:
+        # Checked here, where the file is loaded, so that a bad value names the config and not
+        # the scheduler that would build the codec later; the codec itself is a frozen value
+        # the scheduler builds from this table once (edgefl/compression/, imported here and not
+        # at the top: compression reads these defaults, so it imports this module).
+        from edgefl.compression import codec_from_config
+
+        codec_from_config(self)
+
 
 @dataclass
 class RoundsConfig:

@@ -328,3 +328,19 @@ def test_parse_device_topic_accepts_this_fleets_device_topics(device, kind):
 )
 def test_parse_device_topic_rejects(topic):
     assert Topics("demo").parse_device_topic(topic) is None
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ('name = "topk"\nfraction = 2.0', r"\[codec\] topk: fraction"),
+        ('name = "topk"\nbits = 3', r"\[codec\] topk: .*bits"),
+        ('name = "gzip"', r"codec.name 'gzip'"),
+    ],
+)
+def test_a_codec_the_table_cannot_build_is_refused_where_the_file_is_loaded(tmp_path, table, match):
+    # not later, when the scheduler builds the codec: the error names the file
+    path = write(tmp_path, f"[codec]\n{table}\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        load(AggregatorConfig, path)
+    assert str(path) in str(info.value)

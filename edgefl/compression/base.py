@@ -13,13 +13,17 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import fields
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from edgefl.config import CodecConfig
 
-DEFAULTS = CodecConfig()
+# the [codec] table's defaults, read off its fields: building a CodecConfig validates it through
+# this package, which is not loaded yet
+DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(CodecConfig)})
 """Every codec parameter's default, from the one place defaults live."""
 
 ModelSpec = Mapping[str, tuple[int, ...]]
