@@ -10,7 +10,8 @@ follows the training over MQTT, and gathers a report in a run folder:
     runs/<time>/logs/           the log of every process, the broker's included
     runs/<time>/aggregator/     checkpoint, rounds.jsonl, exported ONNX models
 
-``edgefl demo`` and the benchmarks both use it.
+``edgefl demo`` and the benchmarks both use it. One module, about 520 lines: preparing the data,
+the broker, the processes, following the run and the report act on one run folder.
 """
 
 from __future__ import annotations
