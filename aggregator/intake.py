@@ -4,10 +4,11 @@ One forward path per kind of message, run in the network thread:
 
 - status and telemetry: admitted by the guard (aggregator/guard.py), checked against the
   enrolled list, decoded and validated (edgefl/messages/), then kept by the registry;
-- an update: admitted, enrolled, decoded against the model and the open round, held to
-  ``limits.max_delta_abs``, folded into the round's accumulator exactly once
-  (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the
-  disk; anything else is acknowledged at once;
+- an update: admitted, enrolled, decoded against the model and the open sink (the round, or in
+  asynchronous mode the buffer: aggregator/rounds.py ``Sink``), held to
+  ``limits.max_delta_abs``, folded into the sink's accumulator exactly once, and its
+  acknowledgement held until the checkpoint that holds it is on the disk; anything else is
+  acknowledged at once;
 - a reply (a device that sends no update: declined, late, superseded), on its own topic:
   admitted, enrolled, decoded, handed to the round lifecycle, which may ask another device to
   step in.
@@ -29,7 +30,7 @@ import numpy as np
 from aggregator.enrolled import EnrolledDevices
 from aggregator.guard import Guard
 from aggregator.registry import DeviceRegistry
-from aggregator.rounds import Duplicate, NotParticipant, Round
+from aggregator.rounds import Duplicate, NotParticipant, Sink
 from edgefl.compression import ModelSpec, WireError
 from edgefl.config import AggregatorConfig
 from edgefl.messages import Reply, Status, Telemetry, decode_update
@@ -47,14 +48,15 @@ class Intake:
         spec: ModelSpec,
         registry: DeviceRegistry,
         *,
-        current_round: Callable[[], Round | None],
-        on_reply: Callable[[Round, Reply], None],
+        current_round: Callable[[], Sink | None],
+        on_reply: Callable[[Sink, Reply], None],
         on_quarantine: Callable[[str, str], None],
         on_change: Callable[[], None],
     ) -> None:
-        """``current_round`` gives the open round (or None); ``on_reply`` takes a reply that
-        withdrew a participant from it; ``on_quarantine`` cuts a device off at the broker;
-        ``on_change`` is told when a device went offline or an update was accepted."""
+        """``current_round`` gives the open sink, a round or the asynchronous buffer (or None);
+        ``on_reply`` takes a reply that withdrew a participant from it; ``on_quarantine`` cuts
+        a device off at the broker; ``on_change`` is told when a device went offline or an
+        update was accepted."""
         self.cfg = cfg
         self.spec = spec
         self.registry = registry
@@ -119,7 +121,7 @@ class Intake:
 
     def update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         """An update as MQTT delivers it, with the acknowledgement to send when it
-        is safe: at once unless it was folded in, else once its round is checkpointed."""
+        is safe: at once unless it was folded in, else once its sink is checkpointed."""
         device_id = self._device_of(topic)
         if device_id is not None and not self.guard.admit(device_id):
             ack()  # from a quarantined device: dropped unread
@@ -131,7 +133,7 @@ class Intake:
         else:
             ack()  # rejected (and counted): nothing to keep
 
-    def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
+    def fold(self, topic: str, payload: bytes, rnd: Sink | None) -> bool:
         """Validate an update and fold it into ``rnd``; True if it was accepted."""
         device_id = self._device_of(topic)
         if device_id is None:
@@ -142,6 +144,7 @@ class Intake:
             self._reject(device_id, "not_enrolled", "device is not enrolled", rnd)
             return False
         limits = self.cfg.limits
+        expect_round, expect_base = rnd.expected() if rnd is not None else (None, None)
         try:
             # with no round open it is still decoded: junk is invalid (and counts towards a
             # quarantine) whether or not a round is open; a valid update is merely late
@@ -149,8 +152,8 @@ class Intake:
                 payload,
                 topic_device_id=device_id,
                 spec=self.spec,
-                expect_round=rnd.number if rnd else None,
-                expect_base=rnd.base_version if rnd else None,
+                expect_round=expect_round,
+                expect_base=expect_base,
                 max_bytes=limits.max_update_bytes,
             )
             if rnd is None:
@@ -166,15 +169,11 @@ class Intake:
         except WireError as e:
             self._reject(device_id, e.reason, e.detail, rnd)
             return False
-        except Duplicate:
-            assert rnd is not None
-            self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in",
-                         rnd)
+        except Duplicate as e:
+            self._reject(device_id, "duplicate", str(e), rnd)
             return False
-        except NotParticipant:
-            assert rnd is not None
-            self._reject(device_id, "not_participant",
-                         f"not asked to work in round {rnd.number}", rnd)
+        except NotParticipant as e:
+            self._reject(device_id, "not_participant", str(e), rnd)
             return False
         sent = rnd.sent_at.get(device_id)
         energy = self.registry.on_work(
@@ -199,14 +198,14 @@ class Intake:
         rnd = self._current_round()
         # what the work cost counts, and tells its speed, even when the round is over
         energy = self.registry.on_work(device_id, reply.metrics, completed=False)
-        if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):
+        if rnd is None or not rnd.withdraw(device_id, reply.kind, reply.round):
             log.debug("%s: %s for round %d: %s", device_id, reply.kind, reply.round, reply.reason)
             return
         rnd.add_energy(device_id, energy)
-        log.info("round %d: %s %s (%s)", rnd.number, device_id, reply.kind, reply.reason)
+        log.info("round %d: %s %s (%s)", reply.round, device_id, reply.kind, reply.reason)
         self._on_reply(rnd, reply)
 
-    def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Round | None) -> None:
+    def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Sink | None) -> None:
         self.rejected[reason] += 1
         if rnd is not None:
             rnd.count_rejection(reason)
