@@ -100,6 +100,7 @@ class Batch:
         self.number = number  # the buffer's number: ``round`` in rounds.jsonl
         self.acc = acc
         self.updates: list[tuple[str, int]] = []  # (device, task), in the order folded in
+        self.tasks: list[OpenTask] = []  # the tasks they answered
         self.metrics: list[dict[str, float]] = []
         self.samples = 0
         self.uplink_bytes = 0
@@ -148,12 +149,17 @@ class Buffer:
         self.folded: set[tuple[str, int]] = set()  # every (device, task) the model holds
         self.declined_at: dict[str, float] = {}
         self.missed: list[str] = []  # late replies, for the registry (engine thread)
+        # buffers whose acknowledgements have not gone out: the open one, full ones waiting for
+        # the engine, applied ones waiting for their checkpoint's flush
+        self._holding: list[Batch] = []
         self.current = self._batch(first_number, applies_to)
         self.ready: deque[Batch] = deque()
         self._last: Batch = self.current
 
     def _batch(self, number: int, applies_to: int) -> Batch:
-        return Batch(number, StalenessWeighted(self._make_rule(), self.weighting, applies_to))
+        batch = Batch(number, StalenessWeighted(self._make_rule(), self.weighting, applies_to))
+        self._holding.append(batch)
+        return batch
 
     # -- the sink: network thread --------------------------------------------------------------
 
@@ -200,6 +206,7 @@ class Buffer:
             self._end(task)
             self.folded.add(key)
             batch.updates.append(key)
+            batch.tasks.append(task)
             batch.metrics.append(update.metrics)
             batch.samples += update.num_samples
             batch.uplink_bytes += payload_bytes
@@ -225,6 +232,9 @@ class Buffer:
         with self._lock:
             batch._released = True
             acks, batch._acks = batch._acks, []
+            if batch in self._holding:
+                self._holding.remove(batch)
+                self.seq += 1
         for ack in acks:
             ack()
         return len(acks)
@@ -351,13 +361,26 @@ class Buffer:
             self.current.left_out.update(left_out)
 
     def state(self) -> dict[str, Any]:
-        """The open tasks, for the journal and the checkpoint."""
+        """For the journal and the checkpoint: the open tasks, and those answered by an update
+        whose acknowledgement is still held (after a restart the broker redelivers it, and it
+        must find its task)."""
         with self._lock:
+            answered = [
+                asdict(t) | {"active": False} for b in self._holding for t in b.tasks
+            ]
             return {
                 "seq": self.seq,
                 "next_task": self.next_task,
-                "tasks": [asdict(t) for t in self.tasks.values()],
+                "tasks": [asdict(t) for t in self.tasks.values()] + answered,
             }
+
+    def reopen(self, number: int, applies_to: int) -> None:
+        """Start over with an empty buffer ``number`` for model ``applies_to`` (a resumed
+        checkpoint's); nothing may have been folded in yet."""
+        with self._lock:
+            assert not self.current.updates and not self.ready
+            self._holding.remove(self.current)
+            self.current = self._last = self._batch(number, applies_to)
 
     def restore(self, state: dict[str, Any]) -> None:
         with self._lock:
@@ -405,12 +428,12 @@ class AsyncEngine:
         if candidates:
             newest = max(candidates, key=lambda s: int(s.get("seq", 0)))
             self.buffer.restore(newest)
+            # task numbers and changes only ever grow, whichever of the two is newer
             self.buffer.next_task = max(int(s.get("next_task", 1)) for s in candidates)
+            self.buffer.seq = max(int(s.get("seq", 0)) for s in candidates)
             if self.buffer.tasks:
-                log.info("taking up %d open tasks again", len(self.buffer.tasks))
-        agg = self.agg
-        self.buffer.current = self.buffer._batch(agg.next_round, agg.version)
-        self.buffer._last = self.buffer.current
+                log.info("taking up %d tasks again", len(self.buffer.tasks))
+        self.buffer.reopen(self.agg.next_round, self.agg.version)
 
     def state(self) -> dict[str, Any]:
         return self.buffer.state()
