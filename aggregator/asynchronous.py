@@ -76,6 +76,9 @@ JOURNAL = "async-tasks.json"
 # tasks remembered per device: it works on one at a time, but an older one (past its deadline,
 # or from before the device reconnected) may still deliver, and then counts
 KEEP_PER_DEVICE = 4
+# buffers whose (device, task) pairs are remembered, to name a redelivered update a duplicate
+# (as many as the checkpoint's ledger keeps); an older one finds its task gone anyway
+REMEMBERED_BUFFERS = 1000
 
 
 @dataclass
@@ -146,7 +149,8 @@ class Buffer:
         self.next_task = 1
         self.seq = 0  # counts changes to the tasks, so the newer of journal and checkpoint wins
         self.sent_at: dict[str, float] = {}
-        self.folded: set[tuple[str, int]] = set()  # every (device, task) the model holds
+        # (device, task) -> the buffer it went into, for the last REMEMBERED_BUFFERS buffers
+        self.folded: dict[tuple[str, int], int] = {}
         self.declined_at: dict[str, float] = {}
         self.missed: list[str] = []  # late replies, for the registry (engine thread)
         # buffers whose acknowledgements have not gone out: the open one, full ones waiting for
@@ -204,7 +208,7 @@ class Buffer:
             if not task.active:
                 batch.late += 1
             self._end(task)
-            self.folded.add(key)
+            self.folded[key] = batch.number
             batch.updates.append(key)
             batch.tasks.append(task)
             batch.metrics.append(update.metrics)
@@ -235,6 +239,10 @@ class Buffer:
             if batch in self._holding:
                 self._holding.remove(batch)
                 self.seq += 1
+            # memory stays bounded however long the service runs
+            oldest = batch.number - REMEMBERED_BUFFERS
+            if len(self.folded) > REMEMBERED_BUFFERS * self.size:
+                self.folded = {k: n for k, n in self.folded.items() if n > oldest}
         for ack in acks:
             ack()
         return len(acks)
@@ -422,7 +430,7 @@ class AsyncEngine:
         the checkpoint's and the journal's)."""
         for entry in ledger:
             for device_id, number in entry.get("updates", []):
-                self.buffer.folded.add((device_id, int(number)))
+                self.buffer.folded[(device_id, int(number))] = int(entry["round"])
         journal = _read_json(self.journal)
         candidates = [s for s in (state, journal) if s]
         if candidates:

@@ -123,7 +123,7 @@ def test_tasks_answered_but_not_yet_released_stay_in_the_saved_state() -> None:
     buf.release(full)
     assert {t["number"] for t in buf.state()["tasks"]} == {3}
     restarted = _buffer(size=2)
-    restarted.folded.add(("a", 1))  # from the checkpoint's ledger
+    restarted.folded[("a", 1)] = 1  # from the checkpoint's ledger
     restarted.restore({"seq": 1, "next_task": 4, "tasks": list(saved.values())})
     assert set(restarted.tasks) == {2, 3} and restarted.next_task == 4
     assert all(t.restored for t in restarted.tasks.values())
@@ -309,3 +309,27 @@ def test_aggregator_killed_in_async_mode_loses_and_duplicates_nothing(
     assert [r["round"] for r in rounds] == list(range(1, 9))
     assert rounds[-1]["model_version"] == 8 and np.isfinite(rounds[-1]["accuracy"])
     assert "taking up" in (tmp_path / "second.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_local_launcher_runs_async_mode_to_an_onnx_rollout(tmp_path) -> None:
+    from edgefl.config import RunConfig, from_dict
+    from launch.local import run_local
+
+    cfg = from_dict(
+        RunConfig,
+        {
+            "fleet": "asyncdemo",
+            "rounds": {"mode": "async", "rounds": 6, "buffer_size": 3},
+            "demo": {"devices": 4, "device_processes": 1, "solo_device": False,
+                     "telemetry_interval_s": 1.0},
+        },
+    )
+    result = run_local(cfg, tmp_path / "run", timeout_s=300)
+    assert result.ok, result.error
+    rounds = result.metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert all(r["mode"] == "async" and r["reported"] == 3 for r in rounds)
+    assert result.metrics["onnx"]["version"] == 6
+    assert result.metrics["deployment"]["promoted"]
+    assert result.metrics["deployment"]["devices_serving"] == 4
