@@ -34,7 +34,8 @@ model holds. After a kill -9 the broker redelivers every update not acknowledged
 buffers not yet applied, which the restarted aggregator folds in again (the buffer's contents
 need no checkpoint of their own), and those applied by a checkpoint whose acknowledgements had
 not gone out, which the ledger refuses as duplicates. A task must be known to be answered, so
-the open tasks are written (``async-tasks.json``, flushed) before any goes out; the restarted
+the open tasks, and those answered by an update whose acknowledgement is held, are written
+(``async-tasks.json``) before any task goes out, and into every checkpoint; the restarted
 aggregator takes them up again and does not give their devices new work over it. Task numbers
 only grow, so a (device, task) pair names one piece of work across restarts.
 
@@ -83,7 +84,8 @@ REMEMBERED_BUFFERS = 1000
 
 @dataclass
 class OpenTask:
-    """A task given to a device and not answered yet."""
+    """A task given to a device: open until answered; once answered by an update, kept (in
+    its buffer) until that update's acknowledgement has gone out."""
 
     number: int
     device_id: str
@@ -189,6 +191,7 @@ class Buffer:
             self._last = batch
             if staleness > self.max_staleness:
                 self._end(task)
+                self._touch()  # its device is free for work on the newest model
                 raise WireError(
                     "stale",
                     f"built on model v{task.base_version}, {staleness} versions before the one "
@@ -446,11 +449,15 @@ class AsyncEngine:
     def state(self) -> dict[str, Any]:
         return self.buffer.state()
 
-    def _write_journal(self, durable: bool) -> None:
+    def _write_journal(self) -> None:
+        """The tasks as they stand, if they changed. Not flushed: a killed process loses
+        nothing by that (the page cache outlives it); after a power cut the checkpoint, flushed
+        with every version, holds the tasks as they were then (and Mosquitto, saving every
+        autosave_interval, may have lost the newer updates too)."""
         state = self.buffer.state()
-        if state["seq"] == self._written_seq and not durable:
+        if state["seq"] == self._written_seq:
             return
-        write_atomic(self.journal, json.dumps(state), durable=durable)
+        write_atomic(self.journal, json.dumps(state), durable=False)
         self._written_seq = state["seq"]
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -472,9 +479,9 @@ class AsyncEngine:
                 continue
             self._give_up()
             self._fill()
-            self._write_journal(durable=False)
+            self._write_journal()
             self.buffer.wait(0.2)
-        self._write_journal(durable=False)
+        self._write_journal()
 
     def _give_up(self) -> None:
         """Free the places of tasks past their deadline, of devices gone for longer than
@@ -547,9 +554,9 @@ class AsyncEngine:
             if a.workload is not None
         }
         self.buffer.add(tasks, sum(len(p) for p in payloads.values()), workloads)
-        # on the disk before any goes out: a restarted aggregator must know every task that
-        # an update it is redelivered can answer
-        self._write_journal(durable=True)
+        # written before any goes out: a restarted aggregator must know every task that an
+        # update it is redelivered can answer
+        self._write_journal()
         agg.registry.on_assigned([a.device_id for a in got])
         for a in got:
             agg.link.publish(agg.topics.task(a.device_id), payloads[a.device_id], qos=1)

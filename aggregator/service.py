@@ -12,7 +12,7 @@ At the end the model is exported to ONNX, checked against PyTorch, and published
 In asynchronous mode (``rounds.mode = "async"``) there are no rounds: aggregator/asynchronous.py
 runs the loop instead, on the same model, strategy, broadcast and checkpoints.
 
-One module, about 530 lines: the round loop, the close and resuming share the model, its
+One module, about 560 lines: the round loop, the close and resuming share the model, its
 version and the open round. What does not (intake, the guard, metrics, checkpoint files,
 broadcast, scheduling, rollout) lives in its own module.
 """
