@@ -1,5 +1,6 @@
-"""Asynchronous mode (aggregator/asynchronous.py): the buffer as a sink on its own, then real
-agents and aggregators over the private Mosquitto, and an aggregator killed with SIGKILL."""
+"""Asynchronous mode (aggregator/asynchronous.py): the buffer (aggregator/buffer.py) on its own,
+then real agents and aggregators over the private Mosquitto, and an aggregator killed with
+SIGKILL."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from aggregator.aggregation import WeightedSum
-from aggregator.asynchronous import JOURNAL, Buffer, OpenTask
+from aggregator.asynchronous import JOURNAL
+from aggregator.buffer import Buffer, OpenTask
 from aggregator.checkpoint import Checkpointer
 from aggregator.rounds import Duplicate, NotParticipant
 from aggregator.staleness import Weighting
