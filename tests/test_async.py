@@ -33,7 +33,7 @@ from edgefl.mqtt import MqttLink
 from edgefl.topics import Topics
 from tests.conftest import FLEET, finite, wait_until
 from tests.test_faults import _slow
-from tests.test_scheduler import _device, _scheduler
+from tests.test_scheduler import _device, _scheduler, sim
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"w": (2,)}
@@ -276,6 +276,27 @@ def test_adaptive_workloads_and_fednova_in_async_mode(make_fleet) -> None:
     assert all(m.reported == 3 and m.effective_steps for m in history)
     assert any(m.workloads for m in history)
     assert history[-1].accuracy > 0.5 and finite(agg.weights)
+
+
+def test_a_device_that_declines_waits_for_its_next_telemetry(make_fleet) -> None:
+    fleet = make_fleet(devices=3)
+    # the aggregator's floor is 20 %, so dev-0 at 50 % looks fine to it; dev-0 keeps its own
+    # floor at 60 % and declines whatever it is given
+    decliner = fleet.start_agent(
+        0, profile=sim(battery_pct=50.0), battery_floor_pct=60.0, telemetry_interval_s=0.5
+    )
+    for i in (1, 2):
+        fleet.start_agent(i)
+    cfg = async_config(fleet, rounds=1000, buffer_size=2)
+    with fleet.aggregator(cfg) as agg:
+        threading.Thread(target=agg.run, daemon=True).start()
+        time.sleep(2.0)
+        declined = agg.registry.get("dev-0").declines
+        asked = decliner.stats.tasks_received
+    assert declined >= 2 and asked >= 2  # asked again once its telemetry was newer ...
+    assert asked <= 2.0 / 0.5 + 2  # ... and not in a loop as fast as it can decline
+    assert agg.history and all(d != "dev-0" for d, _ in _ledger_pairs(agg))
+    assert decliner.hardware.battery()[0] == 50.0  # it did no work
 
 
 def test_topk_updates_and_a_robust_rule_work_in_async_mode(make_fleet) -> None:
