@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 # Reasons an honest device produces in the normal course of things: an update that arrives after
 # its round closed (or, in chunks, is cut off by its close), a QoS 1 redelivery, a device not
-# (yet) on the enrolled list, an agent of an older format version during a rolling upgrade.
-# They are counted and logged, but only the message rate holds them against a device.
+# (yet) on the enrolled list, an agent of an older format version during a rolling upgrade, a
+# slow device's update in asynchronous mode that arrives too stale to fold.
 BENIGN = frozenset({"round", "base_version", "duplicate", "no_round", "not_participant",
-                    "not_enrolled", "version", "incomplete"})
+                    "not_enrolled", "version", "incomplete", "stale"})
 
 
 @dataclass

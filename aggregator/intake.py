@@ -34,7 +34,7 @@ from aggregator.enrolled import EnrolledDevices
 from aggregator.guard import Guard
 from aggregator.reassembly import PartialUpdates
 from aggregator.registry import DeviceRegistry
-from aggregator.rounds import Duplicate, NotParticipant, Round
+from aggregator.rounds import Duplicate, NotParticipant, Sink
 from edgefl.compression import ModelSpec, WireError
 from edgefl.config import AggregatorConfig
 from edgefl.messages import BlobManifest, Reply, Status, Telemetry, decode_update, is_manifest
@@ -52,14 +52,15 @@ class Intake:
         spec: ModelSpec,
         registry: DeviceRegistry,
         *,
-        current_round: Callable[[], Round | None],
-        on_reply: Callable[[Round, Reply], None],
+        current_round: Callable[[], Sink | None],
+        on_reply: Callable[[Sink, Reply], None],
         on_quarantine: Callable[[str, str], None],
         on_change: Callable[[], None],
     ) -> None:
-        """``current_round`` gives the open round (or None); ``on_reply`` takes a reply that
-        withdrew a participant from it; ``on_quarantine`` cuts a device off at the broker;
-        ``on_change`` is told when a device went offline or an update was accepted."""
+        """``current_round`` gives the open sink, a round or the asynchronous buffer (or None);
+        ``on_reply`` takes a reply that withdrew a participant from it; ``on_quarantine`` cuts
+        a device off at the broker; ``on_change`` is told when a device went offline or an
+        update was accepted."""
         self.cfg = cfg
         self.spec = spec
         self.registry = registry
@@ -126,7 +127,7 @@ class Intake:
 
     def update(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         """An update as MQTT delivers it, with the acknowledgement to send when it
-        is safe: at once unless it was folded in, else once its round is checkpointed."""
+        is safe: at once unless it was folded in, else once its sink is checkpointed."""
         device_id = self._device_of(topic)
         if device_id is not None and not self.guard.admit(device_id):
             ack()  # from a quarantined device: dropped unread
@@ -141,7 +142,7 @@ class Intake:
             ack()  # rejected (and counted): nothing to keep
 
     def _expect_chunks(
-        self, topic: str, payload: bytes, rnd: Round | None, ack: Callable[[], None]
+        self, topic: str, payload: bytes, rnd: Sink | None, ack: Callable[[], None]
     ) -> None:
         """The manifest of a chunked update: checked against the open round before its chunks
         take any memory, for a participant only."""
@@ -166,28 +167,19 @@ class Intake:
             return
         assert rnd is not None
         try:
-            self.partials.begin(device_id, manifest, rnd.number, ack)
+            self.partials.begin(device_id, manifest, manifest.round, ack)
         except WireError as e:  # acknowledged there
             self._reject(device_id, e.reason, e.detail, rnd)
 
     @staticmethod
     def _refusal(
-        device_id: str, manifest: BlobManifest, rnd: Round | None
+        device_id: str, manifest: BlobManifest, rnd: Sink | None
     ) -> tuple[str, str] | None:
         """Why a chunked update cannot be folded into ``rnd`` whatever its chunks hold, as the
         update's own decoding would say it: (reason, detail), or None."""
         if rnd is None:
             return "no_round", "no round is open"
-        if manifest.round != rnd.number:
-            return "round", f"chunked update for round {manifest.round}, round {rnd.number} is open"
-        if manifest.version != rnd.base_version:
-            return "base_version", (
-                f"chunked update built on v{manifest.version}, round {rnd.number} builds on "
-                f"v{rnd.base_version}"
-            )
-        if device_id not in rnd.participants:
-            return "not_participant", f"not asked to work in round {rnd.number}"
-        return None
+        return rnd.admits(device_id, manifest.round, manifest.version)
 
     def update_chunk(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         """A chunk of an update, with the acknowledgement to send when it is safe: with the
@@ -225,13 +217,13 @@ class Intake:
             for held in acks:
                 held()
 
-    def _expire(self, rnd: Round | None) -> None:
+    def _expire(self, rnd: Sink | None) -> None:
         """Drop the partial updates of rounds that closed (their messages acknowledged)."""
-        for device_id in self.partials.expire(rnd.number if rnd else None):
+        for device_id in self.partials.expire(rnd.is_open if rnd else lambda _round: False):
             self._reject(device_id, "incomplete", "chunked update incomplete when its round "
                          "closed", None)
 
-    def _sender(self, topic: str, rnd: Round | None) -> str | None:
+    def _sender(self, topic: str, rnd: Sink | None) -> str | None:
         """The enrolled device an update comes from; None (rejected and counted) otherwise."""
         device_id = self._device_of(topic)
         if device_id is None:
@@ -243,12 +235,13 @@ class Intake:
             return None
         return device_id
 
-    def fold(self, topic: str, payload: bytes, rnd: Round | None) -> bool:
+    def fold(self, topic: str, payload: bytes, rnd: Sink | None) -> bool:
         """Validate an update and fold it into ``rnd``; True if it was accepted."""
         device_id = self._sender(topic, rnd)
         if device_id is None:
             return False
         limits = self.cfg.limits
+        expect_round, expect_base = rnd.expected() if rnd is not None else (None, None)
         try:
             # with no round open it is still decoded: junk is invalid (and counts towards a
             # quarantine) whether or not a round is open; a valid update is merely late
@@ -256,8 +249,8 @@ class Intake:
                 payload,
                 topic_device_id=device_id,
                 spec=self.spec,
-                expect_round=rnd.number if rnd else None,
-                expect_base=rnd.base_version if rnd else None,
+                expect_round=expect_round,
+                expect_base=expect_base,
                 max_bytes=limits.max_update_bytes,
             )
             if rnd is None:
@@ -273,15 +266,11 @@ class Intake:
         except WireError as e:
             self._reject(device_id, e.reason, e.detail, rnd)
             return False
-        except Duplicate:
-            assert rnd is not None
-            self._reject(device_id, "duplicate", f"round {rnd.number} update already folded in",
-                         rnd)
+        except Duplicate as e:
+            self._reject(device_id, "duplicate", str(e), rnd)
             return False
-        except NotParticipant:
-            assert rnd is not None
-            self._reject(device_id, "not_participant",
-                         f"not asked to work in round {rnd.number}", rnd)
+        except NotParticipant as e:
+            self._reject(device_id, "not_participant", str(e), rnd)
             return False
         sent = rnd.sent_at.get(device_id)
         energy = self.registry.on_work(
@@ -306,14 +295,14 @@ class Intake:
         rnd = self._current_round()
         # what the work cost counts, and tells its speed, even when the round is over
         energy = self.registry.on_work(device_id, reply.metrics, completed=False)
-        if rnd is None or reply.round != rnd.number or not rnd.withdraw(device_id, reply.kind):
+        if rnd is None or not rnd.withdraw(device_id, reply.kind, reply.round):
             log.debug("%s: %s for round %d: %s", device_id, reply.kind, reply.round, reply.reason)
             return
         rnd.add_energy(device_id, energy)
-        log.info("round %d: %s %s (%s)", rnd.number, device_id, reply.kind, reply.reason)
+        log.info("round %d: %s %s (%s)", reply.round, device_id, reply.kind, reply.reason)
         self._on_reply(rnd, reply)
 
-    def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Round | None) -> None:
+    def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Sink | None) -> None:
         self.rejected[reason] += 1
         if rnd is not None:
             rnd.count_rejection(reason)

@@ -1,5 +1,6 @@
-"""What a round's close reports: :class:`RoundMetrics`, one line of ``rounds.jsonl`` each, and
-the figures derived from a round's result (where the time went, energy, workloads)."""
+"""What a round's close reports: :class:`RoundMetrics`, one line of ``rounds.jsonl`` each (in
+asynchronous mode one per buffer applied, ``mode = "async"``), and the figures derived from a
+round's result (where the time went, energy, workloads)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ class RoundMetrics:
     effective_steps: float | None = None  # FedNova's tau_eff
     # devices cut off at the broker for flooding or invalid messages (aggregator/guard.py)
     quarantined: list[str] = field(default_factory=list)
+    # "async" (aggregator/asynchronous.py): a record per buffer applied, ``round`` its number;
+    # ``buffer``: its size, its updates by staleness (versions, as strings), the devices training
+    # when it was applied, and updates that came after their task was given up for lost
+    mode: str = "sync"
+    buffer: dict[str, Any] = field(default_factory=dict)
 
 
 

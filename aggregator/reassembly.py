@@ -127,10 +127,10 @@ class PartialUpdates:
             ack()
         return True
 
-    def expire(self, open_round: int | None) -> list[str]:
-        """Drop the partial updates of rounds other than ``open_round`` (None: no round is
-        open): their round closed before they were whole. The devices whose were dropped."""
-        stale = [d for d, p in self._partials.items() if p.round != open_round]
+    def expire(self, is_open: Callable[[int], bool]) -> list[str]:
+        """Drop the partial updates whose round (or, in asynchronous mode, task) is no longer
+        open: it closed before they were whole. The devices whose were dropped."""
+        stale = [d for d, p in self._partials.items() if not is_open(p.round)]
         for device_id in stale:
             self.drop(device_id)
         return stale

@@ -39,6 +39,9 @@ class DeviceRecord:
     online: bool = False
     offline_reason: str = ""  # "will" (Last Will or goodbye) | "silent" | "quarantined"
     status_at: float = 0.0
+    # when its latest birth found it offline: an agent that restarted (or reconnected after a
+    # Will) holds no task it was given before (asynchronous mode gives it a new one)
+    online_since: float = 0.0
     capabilities: dict[str, Any] = field(default_factory=dict)
     agent_version: str = ""
     telemetry: Telemetry | None = None
@@ -159,9 +162,12 @@ class DeviceRegistry:
     def on_status(self, device_id: str, status: Status) -> None:
         with self._lock:
             rec = self._get(device_id)
+            was_online = rec.online
             rec.online = status.state == "online"
             rec.offline_reason = "" if rec.online else "will"
             rec.status_at = time.time()
+            if rec.online and not was_online:
+                rec.online_since = rec.status_at
             if rec.online:
                 rec.capabilities = dict(status.capabilities)
                 rec.agent_version = status.agent_version

@@ -1,4 +1,6 @@
-"""One synchronous round: who was asked, what has been folded in, and when it must close."""
+"""One synchronous round: who was asked, what has been folded in, and when it must close; and
+:class:`Sink`, the interface intake folds updates through (a round, or the buffer of
+asynchronous mode)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -19,11 +22,52 @@ NO_CAP = 10_000_000
 
 
 class Duplicate(Exception):
-    """The update was already folded in (QoS 1 delivers at least once)."""
+    """The update was already folded in (QoS 1 delivers at least once); the message says
+    where."""
 
 
 class NotParticipant(Exception):
-    """The device was not asked to work in this round."""
+    """The device was not asked for this update; the message says what it was asked."""
+
+
+class Sink(Protocol):
+    """What intake folds a validated update into: the open :class:`Round` in synchronous mode,
+    the buffer of aggregator/asynchronous.py in asynchronous mode. Intake knows no other."""
+
+    sent_at: dict[str, float]  # unix time each device's (latest) task went out
+
+    def expected(self) -> tuple[int | None, int | None]:
+        """The round and base version every update must name; None where :meth:`offer`
+        checks them per update."""
+
+    def admits(self, device_id: str, round_: int, base_version: int) -> tuple[str, str] | None:
+        """Why an update from ``device_id`` for ``round_`` (in asynchronous mode its task) on
+        ``base_version`` cannot be folded in, whatever it holds: (reason, detail), or None. A
+        chunked update is checked so before its chunks take any memory."""
+
+    def is_open(self, round_: int) -> bool:
+        """Whether updates for ``round_`` (a task, in asynchronous mode) may still arrive."""
+
+    def offer(self, update: Update, payload_bytes: int) -> None:
+        """Fold ``update`` in exactly once; raises Duplicate, NotParticipant or WireError."""
+
+    def hold_ack(self, ack: Callable[[], None]) -> None:
+        """Keep the broker's acknowledgement of the update just offered until the checkpoint
+        that holds it is on the disk."""
+
+    def withdraw(self, device_id: str, kind: str, round_: int | None = None) -> bool:
+        """A device replied that it sends no update for task ``round_``; False if that was no
+        outstanding work of it."""
+
+    def count_rejection(self, reason: str) -> None: ...
+
+    def add_energy(self, device_id: str, joules: float) -> None: ...
+
+    def progress(self) -> tuple[int, int, int]:
+        """(round, updates folded in, updates expected), for the aggregator's status."""
+
+    def wake(self) -> None:
+        """Something changed (a device went offline, an update was accepted)."""
 
 
 @dataclass
@@ -100,6 +144,13 @@ class Round:
             "step_caps": self.step_caps,
         }
 
+    def expected(self) -> tuple[int | None, int | None]:
+        return self.number, self.base_version
+
+    def progress(self) -> tuple[int, int, int]:
+        with self._lock:
+            return self.number, len(self.accepted), len(self.participants)
+
     def hold_ack(self, ack: Callable[[], None]) -> None:
         with self._lock:
             self._acks.append(ack)
@@ -112,15 +163,32 @@ class Round:
             ack()
         return len(acks)
 
+    def admits(self, device_id: str, round_: int, base_version: int) -> tuple[str, str] | None:
+        if round_ != self.number:
+            return "round", f"update for round {round_}, round {self.number} is open"
+        if base_version != self.base_version:
+            return "base_version", (
+                f"update built on v{base_version}, round {self.number} builds on "
+                f"v{self.base_version}"
+            )
+        with self._lock:
+            if device_id not in self.participants:
+                return "not_participant", f"not asked to work in round {self.number}"
+        return None
+
+    def is_open(self, round_: int) -> bool:
+        return round_ == self.number
+
     def offer(self, update: Update, payload_bytes: int) -> None:
         """Fold ``update`` in, exactly once; raises Duplicate or NotParticipant otherwise."""
         with self._lock:
             if update.device_id not in self.participants:
-                raise NotParticipant(update.device_id)
+                raise NotParticipant(f"not asked to work in round {self.number}")
             if update.device_id in self.accepted:
-                raise Duplicate(update.device_id)
+                raise Duplicate(f"round {self.number} update already folded in")
             if update.device_id in self.withdrawn:
-                raise NotParticipant(update.device_id)  # it said it would not report
+                # it said it would not report
+                raise NotParticipant(f"withdrew from round {self.number}")
             cap = self.step_caps.get(update.device_id, NO_CAP)
             steps = min(max(update.metrics.get("steps", cap), 1.0), max(cap, 1))
             self.sum.fold(
@@ -156,12 +224,14 @@ class Round:
         with self._lock:
             return [d for d in self.participants if d not in self.accepted]
 
-    def withdraw(self, device_id: str, kind: str) -> bool:
-        """A participant replied that it will send no update (declined, gave up); the round
-        stops waiting for it. False if it was not an outstanding participant."""
+    def withdraw(self, device_id: str, kind: str, round_: int | None = None) -> bool:
+        """A participant replied that it will send no update for round ``round_`` (declined,
+        gave up); the round stops waiting for it. False if it was not an outstanding
+        participant of this round."""
         with self._lock:
             if (
-                device_id not in self.participants
+                (round_ is not None and round_ != self.number)
+                or device_id not in self.participants
                 or device_id in self.accepted
                 or device_id in self.withdrawn
             ):

@@ -31,7 +31,12 @@ codec: every eligible device, or a seeded random sample of ``rounds.participants
    those that worked least, then the most reliable, then those with the most battery.
 6. the round closes at budget x (1 + ``deadline_slack``) (at ``deadline_s`` while probing).
 
-In both modes ``rounds.overcommit`` asks for that fraction more devices than the round needs
+In asynchronous mode (aggregator/asynchronous.py) there are no rounds: :meth:`Scheduler.assign`
+gives each idle device its next task with the same eligibility, ranking, workload sizing and
+codec choice, each task with a deadline of its own (the budget x (1 + ``deadline_slack``), or
+``deadline_s``).
+
+In both workloads ``rounds.overcommit`` asks for that fraction more devices than the round needs
 (``Plan.enough``); the round closes once the needed number reported and the others had
 another ``rounds.overcommit_grace`` x the time that took (aggregator/rounds.py). A device that
 declines is replaced by :meth:`Scheduler.replacement` while the round has time left.
@@ -72,6 +77,16 @@ class Workload:
     predicted_s: float | None = None  # task to update; None while its speed is unknown
     energy_j: float | None = None
     probe: bool = False
+
+
+@dataclass
+class Assignment:
+    """One device's next task in asynchronous mode."""
+
+    device_id: str
+    task: Task
+    step_cap: int  # local steps the task allows
+    workload: Workload | None = None  # adaptive workloads only
 
 
 @dataclass
@@ -268,6 +283,49 @@ class Scheduler:
             )
             return r.device_id, task, steps
         return None
+
+    def assign(
+        self, first_number: int, base_version: int, slots: int, exclude: set[str]
+    ) -> tuple[list[Assignment], dict[str, str]]:
+        """Asynchronous mode: tasks for up to ``slots`` eligible devices not in ``exclude``
+        (busy, or held back), numbered from ``first_number``, those that worked least first;
+        and the devices that can do nothing now, with the reason. The adaptive budget is judged
+        over every eligible device, busy ones included, as a round's would be."""
+        left_out: dict[str, str] = {}
+        candidates = self._candidates(left_out)
+        idle = [r for r in candidates if r.device_id not in exclude]
+        if slots <= 0 or not idle:
+            return [], left_out
+        rc, sc, tc = self.cfg.rounds, self.cfg.schedule, self.cfg.train
+        adaptive = sc.workload == "adaptive"
+        budget = self._budget(candidates) if adaptive else None
+        out: list[Assignment] = []
+        for r in self._rank(idle):
+            if len(out) >= slots:
+                break
+            number = first_number + len(out)
+            now = time.time()
+            if adaptive:
+                w = self.workload(r, budget)
+                if isinstance(w, str):
+                    left_out[r.device_id] = w
+                    continue
+                probing = budget is None or w.probe
+                task_s = rc.deadline_s if probing else min(
+                    rc.deadline_s, budget * (1 + sc.deadline_slack)
+                )
+                task = self._task(
+                    number, base_version, w.epochs, w.steps, w.codec, now + task_s, w.batch_size
+                )
+                out.append(Assignment(r.device_id, task, w.steps, w))
+            else:
+                task = self._task(
+                    number, base_version, tc.epochs, 0, self.codec, now + rc.deadline_s,
+                    tc.batch_size,
+                )
+                cap = local_steps(r.samples or 0, tc.epochs, tc.batch_size)
+                out.append(Assignment(r.device_id, task, cap))
+        return out, left_out
 
     # -- sizing -----------------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ A round (docs/architecture.md, synchronous mode):
  5. evaluate, log, checkpoint.
 At the end the model is exported to ONNX, checked against PyTorch, and published for deployment.
 
-One module, about 530 lines: the round loop, the close and resuming share the model, its
+In asynchronous mode (``rounds.mode = "async"``) there are no rounds: aggregator/asynchronous.py
+runs the loop instead, on the same model, strategy, broadcast and checkpoints.
+
+One module, about 560 lines: the round loop, the close and resuming share the model, its
 version and the open round. What does not (intake, the guard, metrics, checkpoint files,
 broadcast, scheduling, rollout) lives in its own module.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from aggregator import deploy
+from aggregator.asynchronous import AsyncEngine
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import Checkpointer
 from aggregator.intake import Intake
@@ -40,7 +44,7 @@ from aggregator.metrics import (
 )
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_for
-from aggregator.rounds import Round, RoundResult
+from aggregator.rounds import Round, RoundResult, Sink
 from aggregator.scheduler import Plan, Scheduler
 from aggregator.strategies import make_strategy
 from edgefl import dynsec
@@ -71,6 +75,7 @@ class Aggregator:
         eval_data: Dataset | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
     ) -> None:
+        cfg.rounds.check()
         self.cfg = cfg
         self.topics = Topics(cfg.fleet)
         self.info = model_info(cfg.model.name)
@@ -97,7 +102,8 @@ class Aggregator:
         self.on_round = on_round
         self.history: list[RoundMetrics] = []
         self.ledger: list[dict[str, Any]] = []
-        self._round: Round | None = None
+        # the open sink intake folds into: the open round, or the buffer in asynchronous mode
+        self._round: Sink | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
         self._stopping = threading.Event()
@@ -112,10 +118,17 @@ class Aggregator:
         )
         # what operators and tests read most, by their short names
         self.rejected, self.guard = self.intake.rejected, self.intake.guard
-        self._resume()
-        # a round that was open when the aggregator stopped is taken up again, before the link
-        # connects: the broker then redelivers the updates that were not acknowledged yet
-        self._reopened = self._reopen_round()
+        self.engine = AsyncEngine(self) if cfg.rounds.mode == "async" else None
+        state = self._resume()
+        # a round that was open when the aggregator stopped is taken up again (in asynchronous
+        # mode the open tasks and the buffer), before the link connects: the broker then
+        # redelivers the updates that were not acknowledged yet
+        self._reopened: Round | None = None
+        if self.engine is not None:
+            self.engine.restore(state.get("async") if state else None, self.ledger)
+            self._round = self.engine.buffer
+        else:
+            self._reopened = self._reopen_round()
         self.link = MqttLink(
             f"edgefl-{cfg.fleet}-aggregator",
             cfg.broker,
@@ -175,6 +188,9 @@ class Aggregator:
                 want,
                 self.cfg.rounds.wait_for_devices_s,
             )
+        if self.engine is not None:
+            self.engine.run(last)
+            return self.history
         while self.next_round <= last and not self._stopping.is_set():
             self.run_round()
         return self.history
@@ -308,18 +324,10 @@ class Aggregator:
             ]
         )
         self._phase("bookkeeping")
-        stepped = self.strategy.step(self.weights, mean) if applied else None
-        if stepped is not None and not all(np.isfinite(w).all() for w in stepped.values()):
-            # the last line of defence: never publish a model that holds NaN or Inf
-            log.error("round %d would make the model non-finite; its updates are discarded",
-                      result.number)
-            applied, stepped = False, None
         if applied:
-            # the model is what devices will decode from the broadcast (aggregator/broadcast.py)
-            self.weights = self.broadcast.prepare(stepped, self.version + 1, result.number)
-            self.version += 1
-            set_weights(self.model, self.weights)
-        else:
+            assert mean is not None
+            applied = self._step_model(mean, result.number)
+        if not applied:
             log.warning(
                 "round %d: %d of %d reported, quorum is %d; the model stays at v%d",
                 result.number,
@@ -383,6 +391,22 @@ class Aggregator:
         )
         return metrics
 
+    def _step_model(self, mean: dict[str, np.ndarray], number: int) -> bool:
+        """Apply the server optimiser to the combined delta of round (or buffer) ``number``
+        and make the result the next model version; False, and the model as it was, if it
+        would not be finite."""
+        stepped = self.strategy.step(self.weights, mean)
+        if not all(np.isfinite(w).all() for w in stepped.values()):
+            # the last line of defence: never publish a model that holds NaN or Inf
+            log.error("round %d would make the model non-finite; its updates are discarded",
+                      number)
+            return False
+        # the model is what devices will decode from the broadcast (aggregator/broadcast.py)
+        self.weights = self.broadcast.prepare(stepped, self.version + 1, number)
+        self.version += 1
+        set_weights(self.model, self.weights)
+        return True
+
     # -- publishing -------------------------------------------------------------------------------
 
     def _publish_model(self) -> None:
@@ -392,12 +416,13 @@ class Aggregator:
 
     def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
         rnd = self._round
+        number, reported, expected = rnd.progress() if rnd else (self.next_round - 1, 0, 0)
         return AggregatorStatus(
             state=state,
-            round=rnd.number if rnd else self.next_round - 1,
+            round=number,
             model_version=self.version,
-            reported=rnd.reported if rnd else 0,
-            expected=len(rnd.participants) if rnd else 0,
+            reported=reported,
+            expected=expected,
             accuracy=accuracy,
             quarantined=sorted(self.guard.quarantined),
         )
@@ -452,11 +477,14 @@ class Aggregator:
         self._wake_round()
         self._publish_status()
 
-    def _on_reply(self, rnd: Round, reply: Reply) -> None:
-        """A participant withdrew from ``rnd``; one that declined is replaced if time allows."""
+    def _on_reply(self, rnd: Sink, reply: Reply) -> None:
+        """A participant withdrew from ``rnd``; one that declined is replaced if time allows
+        (in asynchronous mode the engine gives idle devices work anyway)."""
         if reply.kind == "declined":
             self.registry.on_declined(reply.device_id, reply.reason)
-            self._replace(rnd, reply.device_id)
+            if self.engine is None:
+                assert isinstance(rnd, Round)
+                self._replace(rnd, reply.device_id)
 
     def _replace(self, rnd: Round, declined: str) -> None:
         """Ask another eligible device to do the work a participant declined, if time allows."""
@@ -491,16 +519,19 @@ class Aggregator:
                 "strategy": {"name": self.strategy.name, "state": self.strategy.state()},
                 "registry": self.registry.snapshot(),
                 "rejected": dict(self.rejected),
-                # which device's update went into which round, for the last rounds
+                # which device's update went into which round, for the last rounds (in
+                # asynchronous mode which (device, task) into which buffer)
                 "ledger": self.ledger[-LEDGER_ROUNDS:],
+                **({"async": self.engine.state()} if self.engine is not None else {}),
             },
         )
         self.checkpointed_version = self.version
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict[str, Any] | None:
+        """Take up the newest checkpoint, if any; returns it."""
         state = self.checkpointer.load()
         if state is None:
-            return
+            return None
         if state.get("model") != self.cfg.model.name:
             raise RuntimeError(
                 f"{self.state_dir / CHECKPOINT} holds a {state.get('model')!r} model, the config "
@@ -517,6 +548,7 @@ class Aggregator:
         self.ledger = list(state.get("ledger", []))
         self.history = read_history(self.state_dir / HISTORY, self.next_round)
         log.info("resumed from checkpoint: model v%d, next round %d", self.version, self.next_round)
+        return state
 
     def export(self) -> dict[str, Any]:
         """Export the current model into the store (fp32 and int8 ONNX), checked against

@@ -267,14 +267,20 @@ class DeviceAgent:
             if msg.version == self.model_version:
                 return
             self.global_model = msg
-            pending = self._pending
+            pending, passed = self._pending, None
             if pending is not None and pending.base_version == msg.version:
                 self._pending = None
+            elif pending is not None and pending.base_version < msg.version:
+                # the model moved past the version the task builds on: that task cannot run
+                self._pending, passed, pending = None, pending, None
             else:
                 pending = None
         log.debug("%s: holds global model v%d", self.id, msg.version)
         if pending is not None:
             self._submit(pending)
+        if passed is not None:
+            self._reply(passed, "superseded", f"model v{msg.version} came instead of v"
+                        f"{passed.base_version}")
 
     def _on_task(self, _topic: str, payload: bytes) -> None:
         try:
@@ -336,6 +342,10 @@ class DeviceAgent:
     def _train_and_publish(self, task: Task) -> None:
         base = self.global_model
         if base is None or base.version != task.base_version:
+            # the model moved on before the work started (in asynchronous mode versions come
+            # while devices work): saying so lets the aggregator give it newer work at once
+            held = "no model" if base is None else f"model v{base.version}"
+            self._reply(task, "superseded", f"holds {held}; the task is for v{task.base_version}")
             return
         refusal = self._refusal(task)
         if refusal is not None:

@@ -171,10 +171,19 @@ class CodecConfig:
         codec_from_config(self)
 
 
+# [rounds] mode, and the staleness weightings of asynchronous mode (aggregator/staleness.py)
+ROUND_MODES = ("sync", "async")
+STALENESS_WEIGHTINGS = ("constant", "polynomial", "hinge")
+
+
 @dataclass
 class RoundsConfig:
-    """Synchronous rounds, as docs/architecture.md describes them."""
+    """Synchronous rounds, as docs/architecture.md describes them, or asynchronous buffered
+    aggregation (``mode = "async"``: FedBuff, aggregator/asynchronous.py)."""
 
+    # "sync": rounds that wait for their participants. "async": devices train all the time and
+    # every buffer_size updates make a new model version; then `rounds` counts versions.
+    mode: str = "sync"
     rounds: int = 30
     # Participants per round; 0 means every eligible online device.
     participants: int = 0
@@ -196,6 +205,49 @@ class RoundsConfig:
     overcommit: float = 0.0
     # ... after waiting for the rest a little longer: this fraction of the time that took.
     overcommit_grace: float = 0.1
+    # -- async mode only (participants, quorum and overcommit do not apply there) --
+    # Devices training at once; 0 = every eligible device.
+    concurrency: int = 0
+    # Updates folded into the buffer before the server optimiser makes a new model version.
+    buffer_size: int = 10
+    # How an update's delta is scaled by its staleness s (versions published since its base):
+    # "constant" (1), "polynomial" ((1 + s) ** -staleness_exponent; FedAsync, Xie et al. 2019)
+    # or "hinge" (1 up to hinge_grace versions, then 1 / (hinge_slope * (s - hinge_grace) + 1)).
+    staleness: str = "polynomial"
+    staleness_exponent: float = 0.5
+    hinge_slope: float = 10.0
+    hinge_grace: int = 4
+    # Updates staler than this are rejected ("stale") and counted.
+    max_staleness: int = 20
+    # At most this share of one buffer's updates from one device, while others can fill it.
+    max_tasks_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ConfigError unless the values make sense (also for values set after construction)."""
+        if self.mode not in ROUND_MODES:
+            raise ConfigError(
+                f"rounds.mode {self.mode!r} is not one of {', '.join(ROUND_MODES)}"
+            )
+        if self.staleness not in STALENESS_WEIGHTINGS:
+            raise ConfigError(
+                f"rounds.staleness {self.staleness!r} is not one of "
+                f"{', '.join(STALENESS_WEIGHTINGS)}"
+            )
+        if self.concurrency < 0:
+            raise ConfigError("rounds.concurrency must be >= 0 (0 = every eligible device)")
+        if self.buffer_size < 1:
+            raise ConfigError("rounds.buffer_size must be >= 1")
+        if self.max_staleness < 0:
+            raise ConfigError("rounds.max_staleness must be >= 0")
+        if self.staleness_exponent < 0 or self.hinge_slope < 0 or self.hinge_grace < 0:
+            raise ConfigError(
+                "rounds.staleness_exponent, hinge_slope and hinge_grace must be >= 0"
+            )
+        if not 0.0 < self.max_tasks_share <= 1.0:
+            raise ConfigError("rounds.max_tasks_share must be in (0, 1]")
 
 
 @dataclass

@@ -135,7 +135,8 @@ class _Progress:
         if not self.tty or expected == 0:
             return
         with self._lock:
-            self.live = f"  round {rnd:>3}/{self.total}: {reported:>3}/{expected} devices reported"
+            # in asynchronous mode: the buffer being filled, its updates of buffer_size
+            self.live = f"  round {rnd:>3}/{self.total}: {reported:>3}/{expected} reported"
             sys.stdout.write("\r" + self.live.ljust(70))
             sys.stdout.flush()
 
@@ -145,11 +146,21 @@ class _Progress:
         acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
         up = m["uplink_bytes"] / max(m["reported"], 1) / 1024
         down = m["downlink_bytes"] / max(m["participants"], 1) / 1024
-        line = (
-            f"  round {m['round']:>3}/{self.total}: {m['reported']:>3}/{m['participants']} reported"
-            f"  acc {acc}  {m['wall_s'] * 1000:6.0f} ms"
-            f"  up {up:5.1f} KiB/dev  down {down:5.1f} KiB/dev"
-        )
+        if m.get("mode") == "async":
+            # a buffer applied: the version it made, its staleness, who was still training
+            stale = m["buffer"].get("staleness", {})
+            mean = sum(int(s) * n for s, n in stale.items()) / max(1, sum(stale.values()))
+            line = (
+                f"  v{m['model_version']:<4} {m['round']:>4}/{self.total}: {m['reported']:>3}"
+                f" updates  staleness {mean:4.1f}  {m['buffer'].get('training', 0):>3} training"
+                f"  acc {acc}  {m['wall_s'] * 1000:6.0f} ms  up {up:5.1f} KiB/update"
+            )
+        else:
+            line = (
+                f"  round {m['round']:>3}/{self.total}: {m['reported']:>3}/{m['participants']}"
+                f" reported  acc {acc}  {m['wall_s'] * 1000:6.0f} ms"
+                f"  up {up:5.1f} KiB/dev  down {down:5.1f} KiB/dev"
+            )
         with self._lock:
             prefix = "\r" if self.tty else ""
             sys.stdout.write(prefix + line.ljust(70) + "\n")
@@ -191,8 +202,13 @@ def run_local(
     n = cfg.demo.devices
     device_ids = [f"dev-{i:0{max(2, len(str(n - 1)))}d}" for i in range(n)]
     show = _Progress(cfg.rounds.rounds, progress)
+    rounds = (
+        f"{cfg.rounds.rounds} rounds"
+        if cfg.rounds.mode == "sync"
+        else f"asynchronous, {cfg.rounds.rounds} buffers of {cfg.rounds.buffer_size} updates"
+    )
     show.say(
-        f"edgefl: {n} devices, {cfg.rounds.rounds} rounds, model {cfg.model.name}, "
+        f"edgefl: {n} devices, {rounds}, model {cfg.model.name}, "
         f"codec {cfg.codec.name}; run folder {run_dir}"
     )
 
@@ -452,7 +468,8 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3)
-    ax.set_xlabel("round")
+    asynchronous = metrics["config"]["rounds"].get("mode") == "async"
+    ax.set_xlabel("buffer applied (model version)" if asynchronous else "round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
