@@ -277,12 +277,7 @@ class AsyncEngine:
         phase("evaluate")
         metrics = self._metrics(batch, applied, acc, loss)
         agg.history.append(metrics)
-        every = agg.cfg.deploy.export_every
-        if every and applied and batch.number % every == 0:
-            agg.export()
-        agg._publish_status(force=True, accuracy=acc)
-        if agg.on_round is not None:
-            agg.on_round(metrics)
+        agg._announce(metrics, batch.number, applied, acc)
         phase("status")
         now = time.perf_counter()
         metrics.phases = phases

@@ -366,12 +366,7 @@ class Aggregator:
         if applied:
             self._publish_model()
         self._phase("publish_model")
-        every = self.cfg.deploy.export_every
-        if every and applied and result.number % every == 0:
-            self.export()
-        self._publish_status(force=True, accuracy=acc)
-        if self.on_round is not None:
-            self.on_round(metrics)
+        self._announce(metrics, result.number, applied, acc)
         self._phase("status")
         metrics.phases = self._phases
         # everything up to here counts towards the round's time
@@ -408,6 +403,18 @@ class Aggregator:
         return True
 
     # -- publishing -------------------------------------------------------------------------------
+
+    def _announce(
+        self, metrics: RoundMetrics, number: int, applied: bool, acc: float | None
+    ) -> None:
+        """What follows a closed round or applied buffer in either mode: the periodic export,
+        the status with the new accuracy, and the caller's callback."""
+        every = self.cfg.deploy.export_every
+        if every and applied and number % every == 0:
+            self.export()
+        self._publish_status(force=True, accuracy=acc)
+        if self.on_round is not None:
+            self.on_round(metrics)
 
     def _publish_model(self) -> None:
         self.broadcast.publish(self.weights, self.version, self.next_round - 1)

@@ -112,7 +112,9 @@ def figures(m: dict[str, Any], floor: float) -> dict[str, Any]:
     }
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of every number over the runs; time to 90 % with unreached runs counted as
+    slowest; the worst battery-floor figures. B7 (b7_async.py) summarises its runs so too."""
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) or v is None]
     out: dict[str, Any] = {k: median([r[k] for r in runs]) for k in keys}
     # a run that never reached the target counts as slower than any that did
@@ -121,6 +123,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["time_to_90_s"] = None if len(reached) * 2 <= len(runs) else max(reached)
     out["battery_floor_violations"] = max(r["battery_floor_violations"] for r in runs)
     out["devices_under_floor"] = sorted({d for r in runs for d in r["devices_under_floor"]})
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = summarise_medians(runs)
     n = len(runs[0]["acc_by_round"])
     out["acc_by_round"] = [median([r["acc_by_round"][i] for r in runs]) for i in range(n)]
     out["battery"] = runs[-1]["battery"]

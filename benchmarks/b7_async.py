@@ -43,8 +43,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.b3_fleet import CONFIG, TARGET, UNIFORM, floor_violations
-from benchmarks.common import median, table, write_results
+from benchmarks.b3_fleet import CONFIG, TARGET, UNIFORM, floor_violations, summarise_medians
+from benchmarks.common import table, write_results
 from edgefl import dynsec
 from edgefl.config import RunConfig, load
 from edgefl.mqtt import MqttLink
@@ -227,14 +227,7 @@ def figures(m: dict[str, Any], floor: float, budget_s: float) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) or v is None]
-    out: dict[str, Any] = {k: median([r[k] for r in runs]) for k in keys}
-    # a run that never reached the target counts as slower than any that did
-    if any(r["time_to_90_s"] is None for r in runs):
-        reached = [r["time_to_90_s"] for r in runs if r["time_to_90_s"] is not None]
-        out["time_to_90_s"] = None if len(reached) * 2 <= len(runs) else max(reached)
-    out["battery_floor_violations"] = max(r["battery_floor_violations"] for r in runs)
-    out["devices_under_floor"] = sorted({d for r in runs for d in r["devices_under_floor"]})
+    out = summarise_medians(runs)
     out["max_updates_between_versions"] = max(r["max_updates_between_versions"] for r in runs)
     merged: Counter[str] = Counter()
     for r in runs:
