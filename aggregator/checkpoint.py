@@ -85,8 +85,11 @@ class Checkpointer:
         with self._lock:
             self._flushing = True
         if self._background:
-            self._flusher = threading.Thread(target=self._flush, name="checkpoint-flush")
-            self._flusher.start()
+            flusher = threading.Thread(target=self._flush, name="checkpoint-flush")
+            flusher.start()
+            # published only once started: stop() may wait on it from another thread
+            with self._lock:
+                self._flusher = flusher
         else:
             self._flush()
 
@@ -115,9 +118,11 @@ class Checkpointer:
                 log.exception("after a checkpoint flush")
 
     def wait_flushed(self) -> None:
-        if self._flusher is not None:
-            self._flusher.join()
-            self._flusher = None
+        # the finished thread is kept, not cleared: two threads may wait on the same flush
+        with self._lock:
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
 
     def load(self) -> dict[str, Any] | None:
         """The newest whole checkpoint, or None if there is none."""

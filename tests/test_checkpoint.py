@@ -120,6 +120,35 @@ def _same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_waiting_while_another_thread_saves(tmp_path, monkeypatch) -> None:
+    """stop() waits for the flush from the main thread while the async engine may be saving: the
+    wait must never see a flushing thread that has not started yet."""
+    import threading
+
+    from aggregator import checkpoint
+
+    real_thread = threading.Thread
+    starting, go_on = threading.Event(), threading.Event()
+
+    class SlowStart(real_thread):
+        def start(self) -> None:
+            starting.set()
+            go_on.wait(5)
+            super().start()
+
+    ck = Checkpointer(tmp_path / "ck.msgpack")
+    ck.save({"round": 1})
+    monkeypatch.setattr(checkpoint.threading, "Thread", SlowStart)
+    saver = real_thread(target=ck.save, args=({"round": 2},))
+    saver.start()
+    assert starting.wait(5)
+    ck.wait_flushed()  # the saver is between creating its flusher and starting it
+    go_on.set()
+    saver.join(5)
+    ck.wait_flushed()
+    assert ck.load() == {"round": 2}
+
+
 @pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
 def test_server_optimiser_and_registry_survive_a_restart(tmp_path, strategy: str) -> None:
     running = _aggregator(tmp_path / "running", strategy)
