@@ -147,7 +147,9 @@ class Buffer:
         key = (update.device_id, update.round)
         with self._lock:
             if key in self.folded:
-                raise Duplicate(f"task {update.round} update already folded in")
+                raise Duplicate(
+                    f"task {update.round} update already folded in", self._holder(self.folded[key])
+                )
             task = self.tasks.get(update.round)
             if task is None or task.device_id != update.device_id:
                 raise NotParticipant(f"no open task {update.round} for it")
@@ -200,10 +202,22 @@ class Buffer:
         (a buffer released already is on the disk: the ack goes out at once)."""
         with self._lock:
             batch = self._last
+        self._hold_in(batch, ack)
+
+    def _hold_in(self, batch: Batch, ack: Callable[[], None]) -> None:
+        with self._lock:
             if not batch._released:
                 batch._acks.append(ack)
                 return
         ack()
+
+    def _holder(self, number: int) -> Callable[[Callable[[], None]], None] | None:
+        """Where a redelivered copy's acknowledgement waits: with the acknowledgements of the
+        buffer ``number`` that holds the original, if they have not gone out (lock held)."""
+        for batch in self._holding:
+            if batch.number == number:
+                return lambda ack: self._hold_in(batch, ack)
+        return None
 
     def release(self, batch: Batch) -> int:
         """Acknowledge ``batch``'s updates to the broker (after its checkpoint is flushed)."""

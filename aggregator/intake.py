@@ -7,7 +7,8 @@ One forward path per kind of message, run in the network thread:
 - an update: admitted, enrolled, decoded against the model and the open round, held to
   ``limits.max_delta_abs``, folded into the round's accumulator exactly once
   (aggregator/rounds.py), and its acknowledgement held until the round's checkpoint is on the
-  disk; anything else is acknowledged at once;
+  disk; so is that of a redelivered copy of an update whose original is still held (a dropped
+  connection makes the broker send it again); anything else is acknowledged at once;
 - an update larger than the broker's packet limit comes as a manifest on the update topic and
   chunks on devices/{id}/update/blob/{blob}/{i}: the manifest is checked against the open round,
   the chunks are put back together per device (aggregator/reassembly.py), and the whole takes
@@ -34,7 +35,7 @@ from aggregator.enrolled import EnrolledDevices
 from aggregator.guard import Guard
 from aggregator.reassembly import PartialUpdates
 from aggregator.registry import DeviceRegistry
-from aggregator.rounds import Duplicate, NotParticipant, Sink
+from aggregator.rounds import Duplicate, Hold, NotParticipant, Sink
 from edgefl.compression import ModelSpec, WireError
 from edgefl.config import AggregatorConfig
 from edgefl.messages import BlobManifest, Reply, Status, Telemetry, decode_update, is_manifest
@@ -135,11 +136,12 @@ class Intake:
         rnd = self._current_round()
         if is_manifest(payload):
             self._expect_chunks(topic, payload, rnd, ack)
-        elif self.fold(topic, payload, rnd):
-            assert rnd is not None
-            rnd.hold_ack(ack)
         else:
-            ack()  # rejected (and counted): nothing to keep
+            hold = self.fold(topic, payload, rnd)
+            if hold is not None:
+                hold(ack)
+            else:
+                ack()  # rejected (and counted): nothing to keep
 
     def _expect_chunks(
         self, topic: str, payload: bytes, rnd: Sink | None, ack: Callable[[], None]
@@ -209,12 +211,11 @@ class Intake:
         whole, acks = got
         # the partial was for the open round (expired otherwise): the update takes the path of
         # one sent in one piece, and every message that brought it is acknowledged with it
-        if self.fold(self.topics.update(device_id), whole, rnd):
-            assert rnd is not None
-            for held in acks:
-                rnd.hold_ack(held)
-        else:
-            for held in acks:
+        hold = self.fold(self.topics.update(device_id), whole, rnd)
+        for held in acks:
+            if hold is not None:
+                hold(held)
+            else:
                 held()
 
     def _expire(self, rnd: Sink | None) -> None:
@@ -235,11 +236,13 @@ class Intake:
             return None
         return device_id
 
-    def fold(self, topic: str, payload: bytes, rnd: Sink | None) -> bool:
-        """Validate an update and fold it into ``rnd``; True if it was accepted."""
+    def fold(self, topic: str, payload: bytes, rnd: Sink | None) -> Hold | None:
+        """Validate an update and fold it into ``rnd``. Returns where the acknowledgements of
+        the messages that brought it wait (``rnd.hold_ack`` if it was accepted, the original's
+        place for a redelivered copy), or None: acknowledge them at once."""
         device_id = self._sender(topic, rnd)
         if device_id is None:
-            return False
+            return None
         limits = self.cfg.limits
         expect_round, expect_base = rnd.expected() if rnd is not None else (None, None)
         try:
@@ -255,7 +258,7 @@ class Intake:
             )
             if rnd is None:
                 self._reject(device_id, "no_round", "no round is open", rnd)
-                return False
+                return None
             biggest = max(float(np.abs(v).max(initial=0.0)) for v in update.delta.values())
             if biggest > limits.max_delta_abs:
                 raise WireError(
@@ -265,13 +268,13 @@ class Intake:
             rnd.offer(update, len(payload))
         except WireError as e:
             self._reject(device_id, e.reason, e.detail, rnd)
-            return False
+            return None
         except Duplicate as e:
             self._reject(device_id, "duplicate", str(e), rnd)
-            return False
+            return e.hold
         except NotParticipant as e:
             self._reject(device_id, "not_participant", str(e), rnd)
-            return False
+            return None
         sent = rnd.sent_at.get(device_id)
         energy = self.registry.on_work(
             device_id,
@@ -281,7 +284,7 @@ class Intake:
         )
         rnd.add_energy(device_id, energy)
         self._on_change()
-        return True
+        return rnd.hold_ack
 
     def reply(self, topic: str, payload: bytes) -> None:
         """A device says it sends no update for a task: declined, late, or superseded."""

@@ -21,9 +21,22 @@ from edgefl.messages import Update
 NO_CAP = 10_000_000
 
 
+Ack = Callable[[], None]
+Hold = Callable[[Ack], None]  # keeps an acknowledgement until a checkpoint is on the disk
+
+
 class Duplicate(Exception):
     """The update was already folded in (QoS 1 delivers at least once); the message says
-    where."""
+    where.
+
+    ``hold`` is where the acknowledgement of this copy must wait, while the original's has not
+    gone out yet (None: acknowledge it at once). After a dropped connection the broker
+    redelivers the original message: acknowledging that copy at once would let the broker
+    forget an update that no checkpoint holds yet, lost if the aggregator then dies."""
+
+    def __init__(self, message: str, hold: Hold | None = None) -> None:
+        super().__init__(message)
+        self.hold = hold
 
 
 class NotParticipant(Exception):
@@ -128,6 +141,7 @@ class Round:
         # acknowledgements of accepted updates, sent to the broker once the round is
         # checkpointed: until then the broker holds each update and would redeliver it
         self._acks: list[Callable[[], None]] = []
+        self._released = False
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
 
@@ -153,11 +167,15 @@ class Round:
 
     def hold_ack(self, ack: Callable[[], None]) -> None:
         with self._lock:
-            self._acks.append(ack)
+            if not self._released:
+                self._acks.append(ack)
+                return
+        ack()  # the round's checkpoint is on the disk already
 
     def release_acks(self) -> int:
         """Acknowledge every accepted update to the broker (after the checkpoint)."""
         with self._lock:
+            self._released = True
             acks, self._acks = self._acks, []
         for ack in acks:
             ack()
@@ -185,7 +203,7 @@ class Round:
             if update.device_id not in self.participants:
                 raise NotParticipant(f"not asked to work in round {self.number}")
             if update.device_id in self.accepted:
-                raise Duplicate(f"round {self.number} update already folded in")
+                raise Duplicate(f"round {self.number} update already folded in", self.hold_ack)
             if update.device_id in self.withdrawn:
                 # it said it would not report
                 raise NotParticipant(f"withdrew from round {self.number}")

@@ -127,6 +127,30 @@ def test_acks_wait_for_the_release_and_a_late_one_goes_out_at_once() -> None:
     assert acked == ["a", "late"]
 
 
+def test_a_redelivered_copy_is_acknowledged_with_the_original() -> None:
+    """A dropped connection makes the broker send an unacknowledged update again: the copy is
+    a duplicate, but its acknowledgement must wait for the original's checkpoint, or the
+    broker would forget an update that no checkpoint holds."""
+    buf = _buffer(size=2)
+    buf.add([_task(1, "a"), _task(2, "b"), _task(3, "c")], 0, {})
+    acked: list[str] = []
+    buf.offer(_update("a", 1), 100)
+    buf.hold_ack(lambda: acked.append("a"))
+    with pytest.raises(Duplicate) as dup:
+        buf.offer(_update("a", 1), 100)
+    assert dup.value.hold is not None
+    dup.value.hold(lambda: acked.append("a again"))
+    assert acked == []  # neither goes out before the buffer's checkpoint
+    buf.offer(_update("b", 2), 100)
+    buf.hold_ack(lambda: acked.append("b"))
+    full = buf.take_ready()
+    assert full is not None and buf.release(full) == 3
+    assert sorted(acked) == ["a", "a again", "b"]
+    with pytest.raises(Duplicate) as dup:  # a copy after the release: intake acks it at once
+        buf.offer(_update("a", 1), 100)
+    assert dup.value.hold is None
+
+
 def test_tasks_answered_but_not_yet_released_stay_in_the_saved_state() -> None:
     buf = _buffer(size=2)
     buf.add([_task(1, "a"), _task(2, "b"), _task(3, "c")], 0, {})

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from aggregator.aggregation import Accumulator, Contribution
-from aggregator.rounds import Round
+from aggregator.rounds import Duplicate, Round
 from edgefl.messages import Update
 
 SPEC = {"w": (2,)}
@@ -54,3 +55,20 @@ def test_a_round_folds_contributions_into_any_accumulator() -> None:
 def test_an_empty_accumulator_aggregates_to_nothing() -> None:
     rnd = Round(1, 0, ["a"], time.time() + 5, SPEC, accumulator=Recording())
     assert rnd.aggregate() is None
+
+
+def test_a_redelivered_copy_waits_for_the_rounds_checkpoint() -> None:
+    """The copy the broker sends again after a dropped connection is acknowledged with the
+    original, once the round's checkpoint is on the disk; after that, at once."""
+    rnd = Round(1, 0, ["a"], time.time() + 5, SPEC, accumulator=Recording())
+    acked: list[str] = []
+    rnd.offer(_update("a", 1.0), 10)
+    rnd.hold_ack(lambda: acked.append("a"))
+    with pytest.raises(Duplicate) as dup:
+        rnd.offer(_update("a", 1.0), 10)
+    assert dup.value.hold is not None
+    dup.value.hold(lambda: acked.append("a again"))
+    assert acked == []
+    assert rnd.release_acks() == 2 and acked == ["a", "a again"]
+    rnd.hold_ack(lambda: acked.append("late"))
+    assert acked[-1] == "late"
