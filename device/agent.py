@@ -24,7 +24,6 @@ profiles).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ import numpy as np
 from device import inference
 from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
+from device.personal.trainer import TaskTrainer
 from device.profiles import make_hardware
 from device.telemetry import capabilities
 from device.updates import UpdateEncoder, publish_update
@@ -53,7 +53,7 @@ from edgefl.messages import (
     Task,
     Telemetry,
 )
-from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
+from edgefl.models import build_model, model_info, model_spec
 from edgefl.mqtt import MqttLink, Will
 from edgefl.topics import Topics
 
@@ -146,6 +146,12 @@ class DeviceAgent:
             on_connect=self._on_connect,
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
+        # a task's training, and the personal model ([personal]; its state is loaded here)
+        self.trainer = (
+            TaskTrainer(self.id, cfg.model.name, self.model, self.spec, self.data, cfg.state_dir)
+            if self.model is not None
+            else None
+        )
         self.link.subscribe(self.topics.task(self.id), self._on_task)
         # the global model: in full from model/global, or as deltas from model/delta
         self.sync = (
@@ -220,6 +226,11 @@ class DeviceAgent:
     @property
     def model_version(self) -> int:
         return self.global_model.version if self.global_model else -1
+
+    def personal_model(self, global_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """This device's personalised model built on ``global_weights`` (device/personal/);
+        None when its tasks ask for no personalisation or it cannot train."""
+        return None if self.trainer is None else self.trainer.personal_model(global_weights)
 
     # -- network thread -----------------------------------------------------------------------
 
@@ -351,23 +362,12 @@ class DeviceAgent:
         if refusal is not None:
             self._reply(task, "declined", refusal)
             return
-        from edgefl.training import train_local
-
         self._busy.set()
         started_at = time.time()
         try:
-            set_weights(self.model, base.weights)
-            seed = int.from_bytes(hashlib.sha256(f"{self.id}/{task.round}".encode()).digest()[:4])
-            result = train_local(
-                self.model,
-                self.data,
-                epochs=task.epochs,
-                batch_size=task.batch_size,
-                lr=task.lr,
-                seed=seed,
-                max_steps=task.max_steps,
-                prox_mu=task.prox_mu,
-            )
+            # plain FedAvg training, or with the task's personalisation (device/personal/)
+            trained = self.trainer.train(task, base.weights)
+            result = trained.result
             # a simulated device takes its own time (real wall time); None: it gave up
             paced = self._pace(task, result)
             if paced is None:
@@ -376,8 +376,8 @@ class DeviceAgent:
             payload = self.encoder.encode(
                 task,
                 base,
-                get_weights(self.model),
-                len(self.data),
+                trained.weights,
+                trained.samples,
                 {
                     "loss": result.loss,
                     "accuracy": result.accuracy,
@@ -390,7 +390,9 @@ class DeviceAgent:
                     "t_start": started_at,
                     "t_end": started_at + train_s,
                     **self._battery_metrics(),
+                    **trained.metrics,
                 },
+                spec=trained.spec,
             )
         finally:
             self._busy.clear()
