@@ -10,13 +10,20 @@ Every step of a task, on one minibatch (Algorithm 1 of the paper):
 
     w     <- w - lr grad f(w)                                (FedAvg's step; w is sent)
     v     <- v - lr_p alpha grad f(v_bar)                    (the gradient of f(v_bar) in v)
+
+and, at the first step of each task, from the same v, w and alpha:
+
     alpha <- alpha - lr_p <v - w, grad f(v_bar)>             (the gradient in alpha)
 
-all three from the same v, w and alpha; alpha is kept within [0, 1]. lr is the task's learning
-rate, lr_p the personal one; alpha starts at ``apfl_alpha`` and is learned per device, so a
-device whose data the global model fits gives its local model less weight. v starts as the
-first global model. The step count, cap and FedProx term of the task apply to w as in plain
-training.
+kept within [0, 1]. Once a task, as the authors' implementation does (FedTorch, the code of the
+paper: at the first local step of a round): there w is still the global model, so the gradient
+compares the local model with the very model the personal one mixes it with. Later in the task
+w has fitted the device's data too, and stepping alpha against it at every step drove alpha to 0
+within the first task on the digits fleet (then v stops learning and the personal model is the
+global one). lr is the task's learning rate, lr_p the personal one; alpha starts at
+``apfl_alpha`` and is learned per device, so a device whose data the global model fits gives its
+local model less weight. v starts as the first global model. The step count, cap and FedProx
+term of the task apply to w as in plain training.
 
 The personal model on any global model is the mix with the device's v and alpha: no training,
 so it is rebuilt at once (a rollback included).
@@ -91,16 +98,19 @@ class APFL(Personaliser):
             loss, logits, g_w = _grads(self.model, xb, yb)
             _, _, g_m = _grads(mixed, xb, yb)
             with torch.no_grad():
-                g_alpha = sum(
-                    float(((vp - wp) * gm).sum()) for vp, wp, gm in zip(v, w, g_m, strict=True)
-                )
+                first = loop.steps == 0
+                if first:
+                    g_alpha = sum(
+                        float(((vp - wp) * gm).sum()) for vp, wp, gm in zip(v, w, g_m, strict=True)
+                    )
                 if task.prox_mu:
                     g_w = [
                         g + task.prox_mu * (p - a) for g, p, a in zip(g_w, w, anchor, strict=True)
                     ]
                 torch._foreach_add_(v, list(g_m), alpha=-lr_p * alpha)
                 torch._foreach_add_(w, list(g_w), alpha=-lr)
-                alpha = min(1.0, max(0.0, alpha - lr_p * g_alpha))
+                if first:
+                    alpha = min(1.0, max(0.0, alpha - lr_p * g_alpha))
             loop.record(loss, logits, yb)
         result = loop.result()
         # the mixed model's passes cost as much again
