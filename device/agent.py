@@ -358,7 +358,7 @@ class DeviceAgent:
             held = "no model" if base is None else f"model v{base.version}"
             self._reply(task, "superseded", f"holds {held}; the task is for v{task.base_version}")
             return
-        refusal = self._refusal(task)
+        refusal = self._refusal(task) or self.trainer.refusal(task)
         if refusal is not None:
             self._reply(task, "declined", refusal)
             return

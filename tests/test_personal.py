@@ -366,6 +366,13 @@ def test_a_state_of_another_method_is_dropped_when_a_task_names_one(
     assert t.personal_model(base) is None
 
 
+def test_a_task_keeping_more_layers_than_the_model_has_is_declined(tmp_path, small) -> None:
+    t = trainer(tmp_path, small)
+    assert t.refusal(task("fedper", personal_layers=1)) is None
+    assert t.refusal(task("ditto", personal_layers=5)) is None  # ditto keeps no layers
+    assert "at least one must stay shared" in t.refusal(task("fedrep", personal_layers=2))
+
+
 def test_an_unreadable_state_is_dropped_and_never_unpickled(tmp_path, small, caplog) -> None:
     (tmp_path / FILE_NAME).write_bytes(b"PK\x03\x04 not a zip at all")
     with caplog.at_level(logging.WARNING, logger="device.personal.state"):

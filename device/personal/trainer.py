@@ -33,8 +33,9 @@ import numpy as np
 
 from device.personal import Personaliser, Settings, make_personaliser, seed_for
 from device.personal.state import FILE_NAME, load, save
-from edgefl.config import ConfigError
+from edgefl.config import ConfigError, PersonalConfig
 from edgefl.data import Dataset
+from edgefl.models import personal_keys
 
 if TYPE_CHECKING:
     from torch import nn
@@ -140,6 +141,16 @@ class TaskTrainer:
         return self._splits[share]
 
     # -- a task --------------------------------------------------------------------------------
+
+    def refusal(self, task: Task) -> str | None:
+        """Why this device cannot do the task's personalisation (its model has too few layers
+        for the personal ones the task keeps here), or None."""
+        layers = PersonalConfig(**task.personal).device_layers
+        try:
+            personal_keys(self.spec, layers)
+        except ValueError as e:
+            return f"personal: {e}"
+        return None
 
     def train(self, task: Task, base_weights: Mapping[str, np.ndarray]) -> Trained:
         """The task's training on the worker thread (it uses the agent's model)."""
