@@ -4,7 +4,9 @@ It announces itself (retained ``online`` birth, ``offline`` Last Will), reports 
 the latest global model (checked by SHA-256), trains on its local data when given a task (with
 the task's epochs, step cap and batch size), and publishes the delta as an update envelope with
 QoS 1. A real device times each update until its PUBACK to learn its uplink bandwidth, which its
-telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator).
+telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator). A task that names
+a [personal] method also trains the device's personal model and reports its accuracy and the
+global model's on data held out of training (device/personal/trainer.py does all of that).
 
 Everything the agent receives is checked before use; a bad message is logged and dropped. The
 agent never blocks its network thread: training runs on an executor, so telemetry and
