@@ -56,7 +56,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aggregator.buffer import Batch, Buffer, OpenTask
-from aggregator.metrics import HISTORY, RoundMetrics, append_history, union_length
+from aggregator.metrics import (
+    HISTORY,
+    RoundMetrics,
+    append_history,
+    log_personal,
+    personal_figures,
+    union_length,
+)
 from aggregator.scheduler import Assignment
 from aggregator.staleness import Weighting
 from edgefl.atomic import write_atomic
@@ -297,6 +304,7 @@ class AsyncEngine:
             metrics.wall_s,
             metrics.buffer["training"],
         )
+        log_personal(log, f"buffer {batch.number}", metrics.personal)
 
     def _metrics(
         self, batch: Batch, applied: bool, acc: float | None, loss: float | None
@@ -347,6 +355,8 @@ class AsyncEngine:
                 "training": len(self.buffer.active()),
                 "late_updates": batch.late,
             },
+            # a device with two updates in one buffer: its latest figures
+            personal=personal_figures(zip(devices, batch.metrics, strict=True)),
         )
 
 

@@ -5,9 +5,13 @@ round's result (where the time went, energy, workloads)."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from aggregator.rounds import RoundResult
 from aggregator.scheduler import Plan
@@ -63,10 +67,14 @@ class RoundMetrics:
     # when it was applied, and updates that came after their task was given up for lost
     mode: str = "sync"
     buffer: dict[str, Any] = field(default_factory=dict)
-
+    # personalised models ([personal], device/personal/): what the devices that reported said
+    # of their held-out split, {"devices": {id: {personal_acc, global_acc, holdout_samples}},
+    # "personal_acc": {mean, p10, min, n}, "global_acc": {...}}; empty when none did
+    personal: dict[str, Any] = field(default_factory=dict)
 
 
 HISTORY = "rounds.jsonl"
+PERSONAL_METRICS = ("personal_acc", "global_acc", "holdout_samples")
 
 
 def round_metrics(
@@ -107,6 +115,7 @@ def round_metrics(
         rejected=dict(result.rejected),
         missing=missing,
         quarantined=quarantined,
+        personal=personal_figures(result.accepted.items()),
         **resources,
     )
 
@@ -184,3 +193,48 @@ def timeline(result: RoundResult) -> dict[str, float]:
             out[f"{key[2:]}_first"] = min(times)
             out[f"{key[2:]}_last"] = max(times)
     return out
+
+
+def personal_figures(reports: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, Any]:
+    """The personal and global accuracies that devices reported (each on its own held-out
+    split), device by device, and their distribution across the devices: mean, 10th
+    percentile, the worst, how many. Empty if no device reported them."""
+    devices = {
+        device_id: {k: float(m[k]) for k in PERSONAL_METRICS}
+        for device_id, m in reports
+        if all(k in m for k in PERSONAL_METRICS)
+    }
+    if not devices:
+        return {}
+    out: dict[str, Any] = {"devices": devices}
+    for key in ("personal_acc", "global_acc"):
+        values = np.array([d[key] for d in devices.values()], dtype=np.float64)
+        out[key] = {
+            "mean": float(values.mean()),
+            "p10": float(np.percentile(values, 10)),
+            "min": float(values.min()),
+            "n": len(values),
+        }
+    return out
+
+
+def log_personal(log: logging.Logger, what: str, personal: Mapping[str, Any]) -> None:
+    """One line for a round (or buffer) whose devices reported personal accuracies."""
+    if not personal:
+        return
+    devices = personal["devices"]
+    worst = min(devices, key=lambda d: (devices[d]["personal_acc"], d))
+    p, g = personal["personal_acc"], personal["global_acc"]
+    log.info(
+        "%s: personal acc %.4f (p10 %.4f), global acc %.4f (p10 %.4f) on %d devices' held-out "
+        "data; worst device %s: personal %.4f, global %.4f",
+        what,
+        p["mean"],
+        p["p10"],
+        g["mean"],
+        g["p10"],
+        p["n"],
+        worst,
+        devices[worst]["personal_acc"],
+        devices[worst]["global_acc"],
+    )

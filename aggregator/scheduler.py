@@ -57,6 +57,7 @@ from aggregator.registry import DEFAULT_POWER, DeviceRecord, DeviceRegistry
 from edgefl.compression import Codec, ModelSpec, WireError, codec_from_config, make_codec
 from edgefl.config import AggregatorConfig, ConfigError
 from edgefl.messages import Task, Update, encode_compact_update
+from edgefl.models import shared_spec
 from edgefl.training import local_steps, samples_for_steps
 
 log = logging.getLogger(__name__)
@@ -475,13 +476,18 @@ class Scheduler:
         codec = codec if isinstance(codec, Codec) else make_codec(codec)
         if codec not in self._bytes:
             rng = np.random.default_rng(0)
-            delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in self.spec.items()}
+            # what an update carries: the layers a personalisation method keeps on the
+            # devices never travel
+            spec = shared_spec(self.spec, self.cfg.personal.device_layers)
+            delta = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in spec.items()}
             now = time.time()
             metrics = {"loss": 1.0, "accuracy": 0.5, "train_s": 1.0, "cpu_s": 1.0, "steps": 100.0,
                        "samples_seen": 1000.0, "t_task": now, "t_start": now, "t_end": now + 1,
                        "battery_pct": 50.0, "charging": 0.0}
+            if self.cfg.personal.method != "none":
+                metrics |= {"personal_acc": 0.5, "global_acc": 0.5, "holdout_samples": 20.0}
             update = Update("x", 1, 0, 1, delta, metrics)
-            payload = encode_compact_update(update, codec, self.spec)
+            payload = encode_compact_update(update, codec, spec)
             self._bytes[codec] = len(payload)
         return self._bytes[codec]
 
@@ -518,4 +524,5 @@ class Scheduler:
             deadline=deadline,
             max_steps=max_steps,
             prox_mu=tc.prox_mu,
+            personal=self.cfg.personal,
         )

@@ -38,6 +38,7 @@ from aggregator.metrics import (
     HISTORY,
     RoundMetrics,
     append_history,
+    log_personal,
     read_history,
     resource_metrics,
     round_metrics,
@@ -49,13 +50,20 @@ from aggregator.scheduler import Plan, Scheduler
 from aggregator.strategies import make_strategy
 from edgefl import dynsec
 from edgefl.atomic import fsync_path, write_atomic
-from edgefl.config import AggregatorConfig
+from edgefl.config import AggregatorConfig, ConfigError
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     AggregatorStatus,
     Reply,
 )
-from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
+from edgefl.models import (
+    build_model,
+    get_weights,
+    model_info,
+    model_spec,
+    set_weights,
+    shared_spec,
+)
 from edgefl.mqtt import MqttLink, Will
 from edgefl.topics import Topics
 from edgefl.training import evaluate
@@ -81,6 +89,13 @@ class Aggregator:
         self.info = model_info(cfg.model.name)
         self.model = build_model(cfg.model.name, seed=cfg.seed)
         self.spec = model_spec(self.model)
+        # what updates carry and rounds aggregate: the whole model, or without the layers a
+        # personalisation method keeps on the devices (FedPer, FedRep), which then stay in the
+        # global model as initialised
+        try:
+            self.update_spec = shared_spec(self.spec, cfg.personal.device_layers)
+        except ValueError as e:
+            raise ConfigError(f"[personal] for model {cfg.model.name}: {e}") from None
         self.weights = get_weights(self.model)
         self.version = 0
         self.checkpointed_version = 0  # the model version the newest checkpoint holds
@@ -109,7 +124,7 @@ class Aggregator:
         self._stopping = threading.Event()
         self.intake = Intake(
             cfg,
-            self.spec,
+            self.update_spec,
             self.registry,
             current_round=lambda: self._round,
             on_reply=self._on_reply,
@@ -213,7 +228,7 @@ class Aggregator:
             self.version,
             plan.participants,
             plan.deadline,
-            self.spec,
+            self.update_spec,
             enough=plan.enough,
             enough_grace=self.cfg.rounds.overcommit_grace,
             step_caps=plan.step_caps,
@@ -273,7 +288,7 @@ class Aggregator:
             # the updates sent while we were away are redelivered as soon as we connect;
             # give them, and devices still training, a moment even if the deadline passed
             max(header["deadline"], time.time() + self.cfg.rounds.offline_grace_s),
-            self.spec,
+            self.update_spec,
             enough=header.get("enough"),
             enough_grace=header.get("enough_grace", 0.0),
             step_caps={k: int(v) for k, v in header.get("step_caps", {}).items()},
@@ -297,7 +312,7 @@ class Aggregator:
         self._phase_at = now
 
     def _accumulator(self):
-        return accumulator_for(self.cfg.strategy, self.spec)
+        return accumulator_for(self.cfg.strategy, self.update_spec)
 
     def _close(
         self,
@@ -384,6 +399,7 @@ class Aggregator:
             metrics.wall_s,
             metrics.train_s_max,
         )
+        log_personal(log, f"round {metrics.round}", metrics.personal)
         return metrics
 
     def _step_model(self, mean: dict[str, np.ndarray], number: int) -> bool:

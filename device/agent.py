@@ -4,7 +4,9 @@ It announces itself (retained ``online`` birth, ``offline`` Last Will), reports 
 the latest global model (checked by SHA-256), trains on its local data when given a task (with
 the task's epochs, step cap and batch size), and publishes the delta as an update envelope with
 QoS 1. A real device times each update until its PUBACK to learn its uplink bandwidth, which its
-telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator).
+telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator). A task that names
+a [personal] method also trains the device's personal model and reports its accuracy and the
+global model's on data held out of training (device/personal/trainer.py does all of that).
 
 Everything the agent receives is checked before use; a bad message is logged and dropped. The
 agent never blocks its network thread: training runs on an executor, so telemetry and
@@ -24,7 +26,6 @@ profiles).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ import numpy as np
 from device import inference
 from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
+from device.personal.trainer import TaskTrainer
 from device.profiles import make_hardware
 from device.telemetry import capabilities
 from device.updates import UpdateEncoder, publish_update
@@ -53,7 +55,7 @@ from edgefl.messages import (
     Task,
     Telemetry,
 )
-from edgefl.models import build_model, get_weights, model_info, model_spec, set_weights
+from edgefl.models import build_model, model_info, model_spec
 from edgefl.mqtt import MqttLink, Will
 from edgefl.topics import Topics
 
@@ -146,6 +148,12 @@ class DeviceAgent:
             on_connect=self._on_connect,
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
+        # a task's training, and the personal model ([personal]; its state is loaded here)
+        self.trainer = (
+            TaskTrainer(self.id, cfg.model.name, self.model, self.spec, self.data, cfg.state_dir)
+            if self.model is not None
+            else None
+        )
         self.link.subscribe(self.topics.task(self.id), self._on_task)
         # the global model: in full from model/global, or as deltas from model/delta
         self.sync = (
@@ -220,6 +228,11 @@ class DeviceAgent:
     @property
     def model_version(self) -> int:
         return self.global_model.version if self.global_model else -1
+
+    def personal_model(self, global_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """This device's personalised model built on ``global_weights`` (device/personal/);
+        None when its tasks ask for no personalisation or it cannot train."""
+        return None if self.trainer is None else self.trainer.personal_model(global_weights)
 
     # -- network thread -----------------------------------------------------------------------
 
@@ -347,27 +360,16 @@ class DeviceAgent:
             held = "no model" if base is None else f"model v{base.version}"
             self._reply(task, "superseded", f"holds {held}; the task is for v{task.base_version}")
             return
-        refusal = self._refusal(task)
+        refusal = self._refusal(task) or self.trainer.refusal(task)
         if refusal is not None:
             self._reply(task, "declined", refusal)
             return
-        from edgefl.training import train_local
-
         self._busy.set()
         started_at = time.time()
         try:
-            set_weights(self.model, base.weights)
-            seed = int.from_bytes(hashlib.sha256(f"{self.id}/{task.round}".encode()).digest()[:4])
-            result = train_local(
-                self.model,
-                self.data,
-                epochs=task.epochs,
-                batch_size=task.batch_size,
-                lr=task.lr,
-                seed=seed,
-                max_steps=task.max_steps,
-                prox_mu=task.prox_mu,
-            )
+            # plain FedAvg training, or with the task's personalisation (device/personal/)
+            trained = self.trainer.train(task, base.weights)
+            result = trained.result
             # a simulated device takes its own time (real wall time); None: it gave up
             paced = self._pace(task, result)
             if paced is None:
@@ -376,8 +378,8 @@ class DeviceAgent:
             payload = self.encoder.encode(
                 task,
                 base,
-                get_weights(self.model),
-                len(self.data),
+                trained.weights,
+                trained.samples,
                 {
                     "loss": result.loss,
                     "accuracy": result.accuracy,
@@ -390,7 +392,9 @@ class DeviceAgent:
                     "t_start": started_at,
                     "t_end": started_at + train_s,
                     **self._battery_metrics(),
+                    **trained.metrics,
                 },
+                spec=trained.spec,
             )
         finally:
             self._busy.clear()

@@ -21,7 +21,7 @@ import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
 from edgefl.chunking import chunk_size_for, fits, publish_chunks, split
-from edgefl.compression import PackedCodec, flatten, unflatten
+from edgefl.compression import ModelSpec, PackedCodec, flatten, unflatten
 from edgefl.error_feedback import FILE_NAME, ErrorFeedback
 from edgefl.messages import BlobManifest, GlobalModel, Task, Update, encode_compact_update
 from edgefl.mqtt import AckedCallback, MqttLink
@@ -41,9 +41,13 @@ class UpdateEncoder:
         trained: Mapping[str, np.ndarray],
         num_samples: int,
         metrics: dict[str, float],
+        spec: ModelSpec | None = None,
     ) -> bytes:
+        """The envelope of ``trained - base`` over ``spec`` (default: every tensor of the
+        model; FedPer and FedRep send the shared ones alone), error feedback included."""
         codec = task.codec
-        spec = {k: tuple(np.shape(v)) for k, v in base.weights.items()}
+        if spec is None:
+            spec = {k: tuple(np.shape(v)) for k, v in base.weights.items()}
         if self.feedback is None or self.feedback.spec != spec:
             self.feedback = ErrorFeedback(self.state_dir / FILE_NAME, spec)
         delta = flatten(trained, spec) - flatten(base.weights, spec)

@@ -388,6 +388,67 @@ class DeployConfig:
     chunk_bytes: int = 128 * 1024
 
 
+# [personal] methods (device/personal/, one module each; README, "Personalised models")
+PERSONAL_METHODS = ("none", "local", "finetune", "fedper", "fedrep", "ditto", "apfl", "perfedavg")
+# the methods that keep their last personal_layers layers on the device: those layers are
+# never sent, and the aggregator aggregates the rest of the model only
+LAYER_METHODS = ("fedper", "fedrep")
+
+
+@dataclass
+class PersonalConfig:
+    """Personalised models: every device also keeps a model fitted to its own data, and
+    reports its accuracy, and the global model's, on a held-out share of that data. The whole
+    table travels with every task (edgefl/messages/control.py), so devices need no setting."""
+
+    # none (plain FedAvg) | local (a model trained on the device's data alone: the baseline) |
+    # finetune (the global model fine-tuned locally) | fedper, fedrep (the last personal_layers
+    # layers stay on the device; Arivazhagan et al. 2019, Collins et al. 2021) | ditto (a
+    # personal model regularised towards the global one; Li et al. 2021) | apfl (a learned mix
+    # of a local and the global model; Deng et al. 2020) | perfedavg (first-order
+    # meta-learning; Fallah et al. 2020)
+    method: str = "none"
+    # share of each device's data kept out of its training to evaluate on (any method but none)
+    holdout: float = 0.2
+    # fedper, fedrep: the last N layers with parameters stay on the device
+    personal_layers: int = 1
+    # personal training per task: finetune's epochs, ditto's personal model's, fedrep's head's,
+    # local's; lr 0 = the task's
+    epochs: int = 1
+    lr: float = 0.0
+    # ditto: weight of the proximal term lambda/2 ||v - w_global||^2 of the personal model
+    ditto_lambda: float = 0.1
+    # apfl: the initial mixing weight of the local model, learned per device afterwards
+    apfl_alpha: float = 0.5
+    # perfedavg: the inner (adaptation) step size, and the steps that adapt the global model
+    # to the device's data to make its personal model
+    perfedavg_alpha: float = 0.01
+    adapt_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in PERSONAL_METHODS:
+            raise ConfigError(
+                f"personal.method {self.method!r} is not one of {', '.join(PERSONAL_METHODS)}"
+            )
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError("personal.holdout must lie in (0, 1)")
+        if not 1 <= self.personal_layers <= 64:
+            raise ConfigError("personal.personal_layers must be in 1..64")
+        if not 0 <= self.epochs <= 1000 or not 0 <= self.adapt_steps <= 100_000:
+            raise ConfigError("personal.epochs must be in 0..1000, adapt_steps in 0..100000")
+        if not 0.0 <= self.lr <= 100.0 or not 0.0 <= self.perfedavg_alpha <= 100.0:
+            raise ConfigError("personal.lr and perfedavg_alpha must be in [0, 100]")
+        if not 0.0 <= self.ditto_lambda <= 1e4:
+            raise ConfigError("personal.ditto_lambda must be in [0, 10000]")
+        if not 0.0 <= self.apfl_alpha <= 1.0:
+            raise ConfigError("personal.apfl_alpha must be in [0, 1]")
+
+    @property
+    def device_layers(self) -> int:
+        """Layers that never leave the device (0 unless the method keeps some there)."""
+        return self.personal_layers if self.method in LAYER_METHODS else 0
+
+
 @dataclass
 class FederationConfig:
     """What the aggregator of a deployment and a local run both set: the fleet, the model, the
@@ -403,6 +464,7 @@ class FederationConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     seed: int = 0
 
     def federation(self) -> dict[str, Any]:

@@ -198,3 +198,39 @@ def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# -- the shared / personal split (FedPer, FedRep: device/personal/fedper.py) -------------------
+
+
+def _layers(spec: Mapping[str, tuple[int, ...]]) -> list[list[str]]:
+    """The spec's keys grouped by layer (the module prefix: ``fc2`` of ``fc2.weight``), in
+    state-dict order."""
+    groups: dict[str, list[str]] = {}
+    for key in spec:
+        groups.setdefault(key.rpartition(".")[0], []).append(key)
+    return list(groups.values())
+
+
+def personal_keys(model: str | Mapping[str, tuple[int, ...]], layers: int) -> tuple[str, ...]:
+    """The state-dict keys of the last ``layers`` layers that hold parameters: what FedPer and
+    FedRep keep on the device. ``model`` is a model's name or its spec (model_spec). Our models
+    hold no buffers, so every key of the spec is a parameter; at least one layer must stay
+    shared. ``layers`` 0: none."""
+    spec = model_spec(build_model(model)) if isinstance(model, str) else model
+    groups = _layers(spec)
+    if layers < 0 or layers >= len(groups):
+        raise ValueError(
+            f"personal_layers {layers}: the model has {len(groups)} layers with parameters, "
+            "and at least one must stay shared"
+        )
+    return tuple(k for group in groups[len(groups) - layers :] for k in group)
+
+
+def shared_spec(
+    spec: Mapping[str, tuple[int, ...]], layers: int
+) -> dict[str, tuple[int, ...]]:
+    """``spec`` without its last ``layers`` layers: what an update carries and the aggregator
+    aggregates when those layers stay on the devices (``layers`` 0: the whole spec)."""
+    personal = set(personal_keys(spec, layers))
+    return {k: tuple(v) for k, v in spec.items() if k not in personal}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ def train_local(
     seed: int = 0,
     max_steps: int = 0,
     prox_mu: float = 0.0,
+    anchor: Mapping[str, np.ndarray] | None = None,
+    train_only: Collection[str] | None = None,
 ) -> TrainResult:
     """Plain minibatch SGD on cross-entropy, reshuffling every epoch.
 
@@ -42,56 +45,122 @@ def train_local(
     ``prox_mu`` > 0 adds FedProx's proximal term mu/2 ||w - w0||^2 to the loss, w0 being the
     weights the training started from (Li et al., "Federated Optimization in Heterogeneous
     Networks", MLSys 2020): its gradient mu (w - w0) keeps unequal amounts of local work from
-    drifting far from the global model.
+    drifting far from the global model. ``anchor`` (named weights) puts the proximal term's
+    centre elsewhere: Ditto pulls a personal model towards the global one
+    (device/personal/ditto.py).
+
+    ``train_only`` (parameter names) trains those alone and leaves the rest as they are, with
+    no gradient computed for them: FedRep's head and body steps (device/personal/fedper.py).
     """
-    start, cpu_start = time.perf_counter(), time.thread_time()
-    X = torch.from_numpy(data.X)
-    y = torch.from_numpy(data.y)
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if prox_mu else []
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if train_only is not None:
+        frozen = [p for k, p in named if k not in train_only]
+        named = [(k, p) for k, p in named if k in train_only]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return _sgd(model, data, named, epochs, batch_size, lr, seed, max_steps, prox_mu,
+                        anchor)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    return _sgd(model, data, named, epochs, batch_size, lr, seed, max_steps, prox_mu, anchor)
+
+
+def _sgd(
+    model: nn.Module,
+    data: Dataset,
+    named: list[tuple[str, torch.Tensor]],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_steps: int,
+    prox_mu: float,
+    centre: Mapping[str, np.ndarray] | None,
+) -> TrainResult:
+    loop = Loop(data, epochs, batch_size, seed, max_steps)
+    params = [p for _, p in named]
+    anchor: list[torch.Tensor] = []
+    if prox_mu:
+        anchor = [
+            torch.from_numpy(np.asarray(centre[k], dtype=np.float32)).reshape(p.shape)
+            if centre is not None
+            else p.detach().clone()
+            for k, p in named
+        ]
     model.train()
-    steps = seen = 0
-    loss_sum = correct = count = 0.0
-    for epoch in range(epochs):
-        # the figures reported are those of the last epoch; earlier ones skip the bookkeeping
-        last = epoch == epochs - 1
-        loss_sum = correct = count = 0.0
-        order = torch.randperm(len(y), generator=gen)
-        Xs, ys = X[order], y[order]  # one gather per epoch; batches are then plain slices
-        for i in range(0, len(ys), batch_size):
-            xb, yb = Xs[i : i + batch_size], ys[i : i + batch_size]
-            for p in params:
-                p.grad = None
-            logits = model(xb)
-            loss = nn.functional.cross_entropy(logits, yb)
-            loss.backward()
-            with torch.no_grad():
-                grads = [p.grad for p in params]
-                if prox_mu:
-                    torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=prox_mu)
-                # one call for every tensor: a device's model is small, so per-call overhead
-                # is most of the cost of a step
-                torch._foreach_add_(params, grads, alpha=-lr)
-            steps += 1
-            n = len(yb)
-            seen += n
-            if last or (max_steps and steps >= max_steps):
-                loss_sum += loss.item() * n
-                correct += (logits.argmax(1) == yb).sum().item()
-                count += n
-            if max_steps and steps >= max_steps:
-                break
-        if max_steps and steps >= max_steps:
-            break
-    return TrainResult(
-        loss=loss_sum / max(count, 1),
-        accuracy=correct / max(count, 1),
-        steps=steps,
-        samples_seen=seen,
-        seconds=time.perf_counter() - start,
-        cpu_seconds=time.thread_time() - cpu_start,
-    )
+    for xb, yb in loop:
+        for p in params:
+            p.grad = None
+        logits = model(xb)
+        loss = nn.functional.cross_entropy(logits, yb)
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            if prox_mu:
+                torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=prox_mu)
+            # one call for every tensor: a device's model is small, so per-call overhead
+            # is most of the cost of a step
+            torch._foreach_add_(params, grads, alpha=-lr)
+        loop.record(loss, logits, yb)
+    return loop.result()
+
+
+class Loop:
+    """The minibatches of local training, and the figures it reports: ``epochs`` passes over
+    ``data``, reshuffled every epoch in an order ``seed`` fixes, stopping after ``max_steps``
+    steps (0: no cap). Iterate it for (x, y) batches and :meth:`record` every step; the loss
+    and accuracy reported are those of the last epoch (or of the last step, when the cap cuts
+    an epoch short). Training loops of their own (device/personal/) share it."""
+
+    def __init__(
+        self, data: Dataset, epochs: int, batch_size: int, seed: int = 0, max_steps: int = 0
+    ) -> None:
+        self.data, self.epochs, self.batch_size = data, epochs, batch_size
+        self.seed, self.max_steps = seed, max_steps
+        self.steps = self.seen = 0
+        self.loss_sum = self.correct = self.count = 0.0
+        self._last = False
+        self._start, self._cpu_start = time.perf_counter(), time.thread_time()
+
+    def _capped(self) -> bool:
+        return bool(self.max_steps) and self.steps >= self.max_steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        X = torch.from_numpy(self.data.X)
+        y = torch.from_numpy(self.data.y)
+        gen = torch.Generator().manual_seed(self.seed)
+        for epoch in range(self.epochs):
+            # earlier epochs skip the bookkeeping
+            self._last = epoch == self.epochs - 1
+            self.loss_sum = self.correct = self.count = 0.0
+            order = torch.randperm(len(y), generator=gen)
+            Xs, ys = X[order], y[order]  # one gather per epoch; batches are then plain slices
+            for i in range(0, len(ys), self.batch_size):
+                if self._capped():
+                    return
+                yield Xs[i : i + self.batch_size], ys[i : i + self.batch_size]
+
+    def record(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> None:
+        """One step done on batch ``yb``, with its loss and logits."""
+        self.steps += 1
+        n = len(yb)
+        self.seen += n
+        if self._last or self._capped():
+            self.loss_sum += loss.item() * n
+            self.correct += (logits.argmax(1) == yb).sum().item()
+            self.count += n
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            loss=self.loss_sum / max(self.count, 1),
+            accuracy=self.correct / max(self.count, 1),
+            steps=self.steps,
+            samples_seen=self.seen,
+            seconds=time.perf_counter() - self._start,
+            cpu_seconds=time.thread_time() - self._cpu_start,
+        )
 
 
 def local_steps(samples: int, epochs: int, batch_size: int, max_steps: int = 0) -> int:

@@ -161,6 +161,13 @@ class _Progress:
                 f" reported  acc {acc}  {m['wall_s'] * 1000:6.0f} ms"
                 f"  up {up:5.1f} KiB/dev  down {down:5.1f} KiB/dev"
             )
+        personal = m.get("personal") or {}
+        if personal:
+            # personalised models: the mean over the reporting devices' held-out data
+            line += (
+                f"  personal {personal['personal_acc']['mean']:.4f}"
+                f" (global {personal['global_acc']['mean']:.4f})"
+            )
         with self._lock:
             prefix = "\r" if self.tty else ""
             sys.stdout.write(prefix + line.ljust(70) + "\n")
@@ -434,6 +441,8 @@ def _metrics(
         "config": to_dict(cfg),
         "final_acc": final,
         "acc_by_round": [r["accuracy"] for r in rounds],
+        # personalised models: the last round's figures (every round's are in "rounds")
+        "personal": rounds[-1].get("personal") if rounds else None,
         "rounds": rounds,
         "wall_s": marks.get("total_s"),
         "startup_s": marks.get("first_round_s"),

@@ -17,9 +17,9 @@ def _hostile(agent, factor: float) -> None:
     """The agent trains honestly, then sends its delta multiplied by ``factor``."""
     encode = agent.encoder.encode
 
-    def forged(task, base, trained, num_samples, metrics):
+    def forged(task, base, trained, num_samples, metrics, **options):
         twisted = {k: base.weights[k] + factor * (trained[k] - base.weights[k]) for k in trained}
-        return encode(task, base, twisted, num_samples, metrics)
+        return encode(task, base, twisted, num_samples, metrics, **options)
 
     agent.encoder.encode = forged
 

@@ -826,7 +826,7 @@ def test_task_round_trip():
     assert Task.from_payload(sent.to_payload()) == sent
 
 
-@pytest.mark.parametrize("field", ["max_steps", "prox_mu", "codec"])
+@pytest.mark.parametrize("field", ["max_steps", "prox_mu", "codec", "personal"])
 def test_a_task_gives_every_field(field):
     # a task means what its sender meant: no field is left to the receiver's defaults
     obj = json.loads(make_task().to_payload())

@@ -35,6 +35,9 @@ class FedAdam(Strategy):
     ) -> Weights:
         out: Weights = {}
         for k, w in weights.items():
+            if k not in mean_delta:  # kept on the devices: never aggregated
+                out[k] = np.array(w, dtype=np.float32)
+                continue
             d = mean_delta[k].astype(np.float32)
             m = self.m.get(k, np.zeros_like(d))
             v = self.v.get(k, np.zeros_like(d))

@@ -25,5 +25,8 @@ class FedAvg(Strategy):
         self, weights: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]
     ) -> Weights:
         return {
-            k: (w + self.server_lr * mean_delta[k]).astype(np.float32) for k, w in weights.items()
+            k: (w + self.server_lr * mean_delta[k]).astype(np.float32)
+            if k in mean_delta
+            else np.array(w, dtype=np.float32)
+            for k, w in weights.items()
         }

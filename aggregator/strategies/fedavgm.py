@@ -31,6 +31,9 @@ class FedAvgM(Strategy):
     ) -> Weights:
         out: Weights = {}
         for k, w in weights.items():
+            if k not in mean_delta:  # kept on the devices: never aggregated
+                out[k] = np.array(w, dtype=np.float32)
+                continue
             v = self.velocity.get(k)
             v = mean_delta[k].astype(np.float32) if v is None else self.momentum * v + mean_delta[k]
             self.velocity[k] = v.astype(np.float32)

@@ -249,6 +249,9 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "accuracy": (0.0, 1.0),
     "battery_pct": (0.0, 100.0),
     "charging": (0.0, 1.0),
+    "personal_acc": (0.0, 1.0),
+    "global_acc": (0.0, 1.0),
+    "holdout_samples": (0.0, float(MAX_SAMPLES)),
 }
 OTHER_METRIC_LIMIT = 1e30
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from edgefl.compression import Codec, WireError, make_codec
+from edgefl.config import ConfigError, PersonalConfig
 from edgefl.messages import checks
 from edgefl.messages.checks import FORMAT_VERSION, MAX_COUNT, MAX_SAMPLES, MAX_TIME
 
@@ -33,10 +34,14 @@ class Task:
     max_steps: int = 0  # 0 = no cap beyond the epochs
     issued: float = field(default_factory=time.time)
     prox_mu: float = 0.0  # FedProx proximal term weight; 0 = none
+    # the [personal] table (edgefl.config.PersonalConfig) with every field written out; a
+    # PersonalConfig or a partial dict given here is completed with the defaults
+    personal: dict[str, Any] = field(default_factory=lambda: asdict(PersonalConfig()))
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, Codec):
             self.codec = make_codec(self.codec)
+        self.personal = personal_spec(self.personal)
 
     def to_payload(self) -> bytes:
         # field by field, not asdict (a deep copy): one task per participant per round; the
@@ -65,10 +70,47 @@ class Task:
             max_steps=checks.count(obj, "max_steps", what, 0, 10_000_000),
             issued=checks.number(obj, "issued", what, 0.0),
             prox_mu=checks.number(obj, "prox_mu", what, 0.0, 100.0),
+            personal=personal_spec(obj.get("personal"), complete=True),
         )
 
 
 _TASK_FIELDS = tuple(f.name for f in fields(Task))
+_PERSONAL_FIELDS = {f.name: f.type for f in fields(PersonalConfig)}
+
+
+def personal_spec(spec: Any, *, complete: bool = False) -> dict[str, Any]:
+    """A task's [personal] table, every field present and valid, as a plain dict; WireError
+    (reason ``personal``) otherwise. ``complete``: every field must be given (a received task:
+    it means what its sender meant, whatever this build's defaults); else the missing ones take
+    the defaults (a task built here)."""
+    what = "task.personal"
+    if isinstance(spec, PersonalConfig):
+        return asdict(spec)
+    if not isinstance(spec, dict):
+        raise WireError("personal", f"{what} must be an object")
+    unknown = sorted(str(k)[:40] for k in spec if k not in _PERSONAL_FIELDS)
+    if unknown:
+        raise WireError("personal", f"{what}: unknown field {unknown[0]!r}")
+    missing = [k for k in _PERSONAL_FIELDS if k not in spec]
+    if complete and missing:
+        raise WireError("personal", f"{what}: field {missing[0]!r} is missing")
+    values = {}
+    for key, kind in _PERSONAL_FIELDS.items():
+        if key not in spec:
+            continue
+        value = spec[key]
+        # JSON has one kind of number: an integral float is not an int, a bool is neither
+        if kind == "int" and (type(value) is not int):
+            raise WireError("personal", f"{what}.{key} must be an integer")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise WireError("personal", f"{what}.{key} must be a number")
+        if kind == "str" and not isinstance(value, str):
+            raise WireError("personal", f"{what}.{key} must be a string")
+        values[key] = float(value) if kind == "float" else value
+    try:
+        return asdict(PersonalConfig(**values))
+    except (ConfigError, OverflowError) as e:
+        raise WireError("personal", f"{what}: {str(e)[:200]}") from None
 
 
 @dataclass

@@ -65,6 +65,11 @@ _METRIC_WIRE: tuple[tuple[str, str], ...] = (
     ("steps", "uint"),
     ("battery_pct", "f2"),
     ("charging", "uint"),
+    # personalised models (device/personal/): accuracies on the device's held-out split
+    # (float32: the benchmark compares devices, which half precision would round together)
+    ("personal_acc", "f4"),
+    ("global_acc", "f4"),
+    ("holdout_samples", "uint"),
 )
 _METRIC_BIT = {key: bit for bit, (key, _) in enumerate(_METRIC_WIRE)}
 _TIME_BITS = sum(1 << bit for bit, (_, wire) in enumerate(_METRIC_WIRE) if wire == "time")
