@@ -395,6 +395,15 @@ def test_a_personal_model_that_fails_its_check_keeps_the_previous_one_served(
         client.refresh_personal()
         wait_until(lambda: device.info["variant"] == PERSONAL, what="the personal v2 model")
         assert device.info["version"] == agg.version and device.info["seq"] == second["seq"]
+
+        # the fleet goes int8: the personal model on it stays fp32, exact to its PyTorch model
+        third = agg.rollout.publish(agg.version, "int8")
+        assert third["promoted"] and third["devices_serving"] == 2
+    assert device.info["variant"] == PERSONAL and device.info["precision"] == "fp32"
+    assert device.info["base_variant"] == "int8" and device.info["base_sha256"] == third["sha256"]
+    X = device.agent.data.X
+    exact = torch_logits(device.personal(agg.version), X)
+    assert np.abs(device.agent.server.logits(X) - exact).max() <= 1e-5
     assert client.personal_failures == 2
 
 
