@@ -1,76 +1,26 @@
-"""Export a model to ONNX and check the export against PyTorch.
+"""The int8 variant of an exported model, made with ONNX Runtime's quantisation tools.
 
-The export pins the opset and gives the batch axis a symbolic size, so one file serves batch 1
-on a device and batch 64 in a benchmark. Metadata (model version, round, input shape, labels,
-accuracy) travels inside the file, where ONNX Runtime can read it back.
+The fp32 export and its check against PyTorch are shared with the devices, which export their
+personal models themselves: they live in edgefl/onnx_export.py and are named here too, so that
+the aggregator's export code finds the whole of its export in one place.
 """
 
 from __future__ import annotations
 
-import io
 import tempfile
-import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from edgefl.atomic import replacing, write_atomic
-
-OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-
-
-def export_onnx(
-    model: nn.Module,
-    path: str | Path,
-    input_shape: tuple[int, ...],
-    metadata: Mapping[str, object] | None = None,
-) -> Path:
-    """Write ``model`` as ONNX to ``path`` atomically; returns the path."""
-    import onnx
-
-    model.train(False)  # export the inference graph
-    dummy = torch.zeros((1, *input_shape), dtype=torch.float32)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # the TorchScript exporter is stable and exact for these models; its deprecation notice
-        # is not something a user of edgefl can act on
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (dummy,),
-            buf,
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    for key, value in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = str(key), str(value)
-    onnx.checker.check_model(proto)
-    return write_atomic(path, proto.SerializeToString())
-
-
-def onnx_logits(path: str | Path, X: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(X, dtype=np.float32)})[0]
-
-
-def parity(path: str | Path, model: nn.Module, X: np.ndarray) -> float:
-    """Largest absolute difference between ONNX Runtime's and PyTorch's logits on ``X``."""
-    from edgefl.training import predict_logits
-
-    return float(np.abs(onnx_logits(path, X) - predict_logits(model, X)).max())
-
+from edgefl.atomic import replacing
+from edgefl.onnx_export import (  # noqa: F401 (the aggregator's export names them here)
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    export_onnx,
+    onnx_logits,
+    parity,
+)
 
 # Operators whose int8 form needs activation ranges known in advance. ONNX Runtime's dynamic
 # quantisation turns a Conv into ConvInteger, which computes each activation's range at run time

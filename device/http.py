@@ -1,7 +1,11 @@
 """An optional HTTP endpoint on the device for local inference (localhost only by default).
 
-    POST /predict   {"inputs": [[...64 floats...], ...]}  ->  {"classes": [...], "version": 7}
-    GET  /health    {"version": 7, "ready": true, "metadata": {...}}
+    POST /predict   {"inputs": [[...64 floats...], ...]}
+                    ->  {"classes": [...], "version": 7, "variant": "personal"}
+    GET  /health    {"version": 7, "variant": "personal", "ready": true, "metadata": {...}}
+
+``variant`` says which model answers: the fleet's file (``fp32`` or ``int8``) or the device's own
+personalised model (``personal``, fp32), built on the global model ``version``.
 
 Other programs on the device ask the deployed model for predictions without loading anything
 themselves. Requests are size-capped and validated; a bad one gets a 400 with the reason.
@@ -39,7 +43,13 @@ def serve_http(server: InferenceServer, port: int, host: str = "127.0.0.1") -> T
             if self.path != "/health":
                 return self._reply(404, {"error": "use GET /health or POST /predict"})
             self._reply(
-                200, {"version": server.version, "ready": server.ready, "metadata": server.metadata}
+                200,
+                {
+                    "version": server.version,
+                    "variant": server.info.get("variant"),
+                    "ready": server.ready,
+                    "metadata": server.metadata,
+                },
             )
 
         def do_POST(self) -> None:  # noqa: N802
@@ -60,10 +70,17 @@ def serve_http(server: InferenceServer, port: int, host: str = "127.0.0.1") -> T
             if not server.ready:
                 return self._reply(503, {"error": "no model deployed yet"})
             try:
-                classes = server.predict(inputs)
+                classes, info = server.predict_with_info(inputs)
             except Exception as e:  # wrong feature count, mostly
                 return self._reply(400, {"error": f"the model refused the input: {e}"})
-            self._reply(200, {"classes": classes.tolist(), "version": server.version})
+            self._reply(
+                200,
+                {
+                    "classes": classes.tolist(),
+                    "version": info.get("version"),
+                    "variant": info.get("variant"),
+                },
+            )
 
         def log_message(self, fmt: str, *args: object) -> None:
             log.debug("http: " + fmt, *args)

@@ -7,9 +7,10 @@ serves predictions does not load the training stack.
     server = InferenceServer.from_dir("/var/lib/edgefl/device/models")
     classes = server.predict(X)          # X: (samples, features) float32
 
-Received models are kept as ``{sha256}.onnx``, next to ``current.json``, which names the one in
-service. Both are written atomically (temporary file, then rename), so a power cut leaves the
-previous model in service rather than half a file. The last few models stay, so that a rollback
+Received models, and the personal models a device builds (device/personal_serving.py), are kept
+as ``{sha256}.onnx``, next to ``current.json``, which names the one in service. Both are written
+atomically (temporary file, then rename), so a power cut leaves the previous model in service
+rather than half a file. The last few models stay, so that a rollback
 to one of them needs no download.
 """
 
@@ -27,6 +28,9 @@ from edgefl.atomic import write_atomic
 
 CURRENT = "current.json"
 KEEP = 3
+# the variant of a model the device built itself (device/personal_serving.py): its info names
+# the fleet's file it was built on as ``base_sha256``
+PERSONAL = "personal"
 
 
 class LocalModels:
@@ -47,9 +51,10 @@ class LocalModels:
         return path
 
     def set_current(self, info: dict[str, Any]) -> None:
-        """Record what is in service (``info`` holds at least sha256 and version)."""
+        """Record what is in service (``info`` holds at least sha256 and version; a personal
+        model's, the fleet's file it was built on as base_sha256, which is kept too)."""
         write_atomic(self.dir / CURRENT, json.dumps(info).encode())
-        self._prune(keep={info["sha256"]})
+        self._prune(keep={info["sha256"], info.get("base_sha256")})
 
     def current(self) -> dict[str, Any] | None:
         try:
@@ -118,15 +123,24 @@ class InferenceServer:
         return dict(session.get_modelmeta().custom_metadata_map) if session else {}
 
     def logits(self, X: np.ndarray) -> np.ndarray:
+        return self.logits_with_info(X)[0]
+
+    def logits_with_info(self, X: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The logits, and the info of the model that gave them (a swap may come meanwhile)."""
         with self._lock:
-            session, name = self._session, self._input
+            session, name, info = self._session, self._input, self.info
         if session is None:
             raise RuntimeError("no model loaded yet")
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim == 1:
             X = X[None, :]
-        return session.run(None, {name: X})[0]
+        return session.run(None, {name: X})[0], info
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class ids for each row of ``X``."""
         return self.logits(X).argmax(axis=1)
+
+    def predict_with_info(self, X: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Class ids for each row of ``X``, and the info of the model that answered."""
+        logits, info = self.logits_with_info(X)
+        return logits.argmax(axis=1), info

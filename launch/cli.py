@@ -233,15 +233,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:  # text: one sample per line, numbers separated by commas or spaces
         X = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
     classes = server.predict(np.asarray(X, dtype=np.float32))
+    # the fleet's file (fp32, int8) or the device's personal model (device/personal_serving.py)
+    variant = server.info.get("variant")
     if args.json:
-        print(json.dumps({"version": server.version, "classes": classes.tolist()}))
+        print(
+            json.dumps({"version": server.version, "variant": variant, "classes": classes.tolist()})
+        )
     else:
         print("\n".join(str(c) for c in classes))
     if labels is not None:
         acc = float((classes == labels).mean())
-        print(
-            f"model v{server.version}: accuracy {acc:.4f} on {len(labels)} samples", file=sys.stderr
-        )
+        what = f"model v{server.version}" + (f" ({variant})" if variant else "")
+        print(f"{what}: accuracy {acc:.4f} on {len(labels)} samples", file=sys.stderr)
     return 0
 
 
@@ -427,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.set_defaults(func=cmd_certs)
 
-    pr = sub.add_parser("predict", help="classify samples with the deployed ONNX model")
+    pr = sub.add_parser(
+        "predict", help="classify samples with the model the device serves (ONNX Runtime)"
+    )
     pr.add_argument("input", help=".npz (X, optional y), .npy, or .csv / text, one sample a line")
     pr.add_argument(
         "--model-dir",

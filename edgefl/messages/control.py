@@ -13,6 +13,7 @@ from edgefl.compression import Codec, WireError, make_codec
 from edgefl.config import ConfigError, PersonalConfig
 from edgefl.messages import checks
 from edgefl.messages.checks import FORMAT_VERSION, MAX_COUNT, MAX_SAMPLES, MAX_TIME
+from edgefl.messages.deployment import VARIANTS
 
 MAX_CODECS = 16
 
@@ -174,6 +175,9 @@ class Status:
     serving_accuracy: float | None = None  # that model's accuracy on the device's own data
     serving_seq: int | None = None  # the deployment (rollout or rollback) it came with
     previous_accuracy: float | None = None  # the model served before, on the same data
+    # which model answers: the fleet's file ("fp32", "int8") or the device's own personalised
+    # model built on the ``serving`` version ("personal", fp32 always; device/personal_serving.py)
+    serving_variant: str | None = None
     ts: float = field(default_factory=time.time)
 
     def to_payload(self) -> bytes:
@@ -192,6 +196,9 @@ class Status:
             if not isinstance(telemetry, dict):
                 raise WireError("malformed", "telemetry in a status must be an object")
             telemetry = Telemetry.from_dict(telemetry)
+        variant = obj.get("serving_variant")
+        if variant is not None and variant not in SERVING_VARIANTS:
+            raise WireError("malformed", f"status serving_variant {str(variant)[:20]!r}")
         return cls(
             state=state,
             agent_version=checks.text(obj, "agent_version", what, 64, token=True),
@@ -201,14 +208,16 @@ class Status:
             serving_accuracy=checks.optional_number(obj, "serving_accuracy", what, 0.0, 1.0),
             serving_seq=checks.optional_count(obj, "serving_seq", what),
             previous_accuracy=checks.optional_number(obj, "previous_accuracy", what, 0.0, 1.0),
+            serving_variant=variant,
             ts=checks.number(obj, "ts", what, 0.0, MAX_TIME) if "ts" in obj else 0.0,
         )
 
 
 STATUS_KEYS = frozenset(
     {"v", "state", "agent_version", "capabilities", "telemetry", "serving", "serving_accuracy",
-     "serving_seq", "previous_accuracy", "ts"}
+     "serving_seq", "previous_accuracy", "serving_variant", "ts"}
 )
+SERVING_VARIANTS = (*VARIANTS, "personal")
 
 
 @dataclass(frozen=True)
