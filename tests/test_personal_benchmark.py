@@ -144,9 +144,13 @@ def test_local_only_is_never_the_best_method() -> None:
     assert list(met.values()) == [True, False, False]
 
 
-def test_without_finetune_fedavg_comes_from_ditto_and_else_is_unknown() -> None:
+def test_without_finetune_fedavg_comes_from_a_method_that_trains_it_or_is_unknown() -> None:
     s = dataset_summary({"ditto": [_run([0.9, 0.8], [0.6, 0.4])]})
     assert s["fedavg_from"] == "ditto" and s["fedavg_global_mean"] == pytest.approx(0.5)
+    s = dataset_summary(
+        {"apfl": [_run([0.9, 0.8], [0.7, 0.5])], "local": [_run([0.9, 0.8], [0.6, 0.4])]}
+    )
+    assert s["fedavg_from"] == "local" and s["fedavg_global_mean"] == pytest.approx(0.5)
     s = dataset_summary({"fedrep": [_run([0.9, 0.8], [0.6, 0.4])]})
     assert s["fedavg_from"] is None and s["fedavg_global_mean"] is None
     assert s["best_method"] == "fedrep" and s["best_over_fedavg_points"] is None
