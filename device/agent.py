@@ -17,7 +17,7 @@ A device without torch (a serve-only install, see device/install.sh) runs the sa
 serves the deployed ONNX model, says ``trains: false`` in its birth so that the scheduler leaves
 it out, and declines any task it is sent. torch is imported only where training needs it.
 
-One module, about 530 lines: the agent's state (the model it holds, the task in hand, its
+One module, about 580 lines: the agent's state (the model it holds, the task in hand, its
 cancellation, the battery it spends) is shared by the network thread, the training worker and
 the telemetry thread under one lock; splitting it would spread that lock's rules over modules.
 What does not touch that state lives beside it (model_sync, updates, deployment, telemetry,
@@ -40,6 +40,7 @@ import numpy as np
 from device import inference
 from device.deployment import DeploymentClient
 from device.model_sync import ModelSync
+from device.personal.serving import GlobalArchive
 from device.personal.trainer import TaskTrainer
 from device.profiles import make_hardware
 from device.telemetry import capabilities
@@ -49,6 +50,7 @@ from edgefl.compression import CODECS, WireError
 from edgefl.config import DeviceConfig
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
+    Deployment,
     GlobalModel,
     Reply,
     Status,
@@ -148,6 +150,8 @@ class DeviceAgent:
             on_connect=self._on_connect,
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
+        # global models that deployments named, so that a rollback can rebuild the personal one
+        self.archive = GlobalArchive(Path(cfg.state_dir) / "globals")
         # a task's training, and the personal model ([personal]; its state is loaded here)
         self.trainer = (
             TaskTrainer(self.id, cfg.model.name, self.model, self.spec, self.data, cfg.state_dir)
@@ -179,6 +183,9 @@ class DeviceAgent:
             Path(cfg.state_dir) / "models",
             health=self._local_accuracy,
             on_change=self._publish_birth,
+            # a personalised device serves its own model, built on the deployment's version
+            personalise=self._personalise if self.trainer is not None else None,
+            check_inputs=self.data.X,
         )
         self.server = self.deployment.server
 
@@ -208,6 +215,7 @@ class DeviceAgent:
             )
             info.wait_for_publish(timeout=2.0)
         self.link.stop()
+        self.deployment.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -216,6 +224,7 @@ class DeviceAgent:
         self._stop.set()
         self._cancel.set()
         self.link.abort()
+        self.deployment.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -233,6 +242,21 @@ class DeviceAgent:
         """This device's personalised model built on ``global_weights`` (device/personal/);
         None when its tasks ask for no personalisation or it cannot train."""
         return None if self.trainer is None else self.trainer.personal_model(global_weights)
+
+    def _personalise(self, dep: Deployment) -> dict[str, np.ndarray] | None:
+        """What to serve for deployment ``dep`` (device/deployment.py asks, off the network
+        thread): the personal model on its global version, which this device holds (and keeps
+        in its archive) or kept when an earlier deployment named it (a rollback); None: the
+        fleet's file."""
+        if self.trainer is None or self.trainer.personaliser is None:
+            return None
+        held = self.global_model
+        if held is not None and held.version == dep.version:
+            self.archive.remember(held.version, held.weights)
+            weights: dict[str, np.ndarray] | None = held.weights
+        else:
+            weights = self.archive.get(dep.version)
+        return None if weights is None else self.personal_model(weights)
 
     # -- network thread -----------------------------------------------------------------------
 
@@ -262,6 +286,7 @@ class DeviceAgent:
             serving=self.server.version,
             serving_accuracy=self.deployment.accuracy,
             serving_seq=self.deployment.serving_seq,
+            serving_variant=self.deployment.serving_variant,
             previous_accuracy=self.deployment.previous_accuracy,
         )
         self.link.publish(self.topics.status(self.id), status.to_payload(), qos=1, retain=True)

@@ -258,7 +258,7 @@ class DeploymentClient:
         try:
             weights = self._personalise(dep)
             if weights is not None:
-                from device.personal_serving import build_personal_onnx
+                from device.personal.serving import build_personal_onnx
 
                 body = build_personal_onnx(
                     self.model, weights, self._check_inputs, metadata=self._personal_metadata(dep)
@@ -301,7 +301,7 @@ class DeploymentClient:
                 self._serve(dep)
 
     def _not_served(self, dep: Deployment, error: Exception) -> None:
-        from device.personal_serving import PersonalModelError
+        from device.personal.serving import PersonalModelError
 
         self.personal_failures += 1
         (log.warning if isinstance(error, PersonalModelError) else log.exception)(

@@ -7,7 +7,7 @@ serves predictions does not load the training stack.
     server = InferenceServer.from_dir("/var/lib/edgefl/device/models")
     classes = server.predict(X)          # X: (samples, features) float32
 
-Received models, and the personal models a device builds (device/personal_serving.py), are kept
+Received models, and the personal models a device builds (device/personal/serving.py), are kept
 as ``{sha256}.onnx``, next to ``current.json``, which names the one in service. Both are written
 atomically (temporary file, then rename), so a power cut leaves the previous model in service
 rather than half a file. The last few models stay, so that a rollback
@@ -28,7 +28,7 @@ from edgefl.atomic import write_atomic
 
 CURRENT = "current.json"
 KEEP = 3
-# the variant of a model the device built itself (device/personal_serving.py): its info names
+# the variant of a model the device built itself (device/personal/serving.py): its info names
 # the fleet's file it was built on as ``base_sha256``
 PERSONAL = "personal"
 

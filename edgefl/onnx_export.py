@@ -1,7 +1,7 @@
 """Export a model to ONNX and check the export against PyTorch: shared by both roles.
 
 The aggregator exports the global model for the fleet (aggregator/deploy.py, which adds the int8
-variant); a device that trains exports its personal model for itself (device/personal_serving.py).
+variant); a device that trains exports its personal model for itself (device/personal/serving.py).
 Both must produce the same graph, checked the same way, so they share this code.
 
 The export pins the opset and gives the batch axis a symbolic size, so one file serves batch 1

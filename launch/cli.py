@@ -233,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:  # text: one sample per line, numbers separated by commas or spaces
         X = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
     classes = server.predict(np.asarray(X, dtype=np.float32))
-    # the fleet's file (fp32, int8) or the device's personal model (device/personal_serving.py)
+    # the fleet's file (fp32, int8) or the device's personal model (device/personal/serving.py)
     variant = server.info.get("variant")
     if args.json:
         print(

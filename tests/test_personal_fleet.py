@@ -187,3 +187,45 @@ def test_the_personal_state_survives_a_restart_and_a_model_change_drops_it(
     zeros = {k: np.zeros(s, np.float32) for k, s in changed.spec.items()}
     assert changed.personal_model(zeros) is None
     assert any("dropped: it is for another model shape" in r.getMessage() for r in caplog.records)
+
+
+def test_a_personalised_fleet_serves_its_own_models_and_a_rollback_rebuilds_them(
+    make_fleet, digits
+) -> None:
+    """The agent as shipped: after a rollout every device serves its personal model (exported
+    on the device, equal to its PyTorch model within 1e-5, said in its birth), and a rollback
+    rebuilds it on the older global model, which the device kept when that was deployed."""
+    from tests.test_personal_serving import torch_logits
+
+    _, test = digits
+    fleet = make_fleet(devices=2, alpha=0.1)
+    agents = [fleet.start_agent(i) for i in range(2)]
+    cfg = personal_config(fleet, "fedrep", rounds=2)
+    cfg.deploy.rollout_timeout_s = 15.0
+    with fleet.aggregator(cfg) as agg:
+        agg.run()
+        v1, w1 = agg.version, {k: v.copy() for k, v in agg.weights.items()}
+        first = agg.deploy(agg.export())
+        assert first["promoted"] and first["devices_serving"] == 2
+
+        def serves_personal_on(version: int, weights) -> None:
+            for a in agents:
+                info = a.server.info
+                assert info["variant"] == "personal" and info["version"] == version
+                assert a.deployment.serving_variant == "personal"
+                expected = torch_logits(a.personal_model(weights), test.X)
+                assert np.abs(a.server.logits(test.X) - expected).max() <= 1e-5
+
+        serves_personal_on(v1, w1)
+        # the two devices' personal heads differ: each serves its own model
+        assert not np.array_equal(
+            agents[0].server.logits(test.X), agents[1].server.logits(test.X)
+        )
+        agg.run(rounds=3)
+        second = agg.deploy(agg.export())
+        assert second["promoted"] and second["version"] > v1
+        serves_personal_on(second["version"], agg.weights)
+        back = agg.rollout.rollback()
+        assert back["version"] == v1 and back["devices_serving"] == 2
+        serves_personal_on(v1, w1)
+        assert all(a.deployment.personal_failures == 0 for a in agents)

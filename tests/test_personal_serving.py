@@ -1,4 +1,4 @@
-"""Serving a device's personalised model (device/personal_serving.py, device/deployment.py): the
+"""Serving a device's personalised model (device/personal/serving.py, device/deployment.py): the
 export checked against PyTorch, the archive of global models, and over the real broker the
 personal model served after a rollout, through a canary, over HTTP and ``edgefl predict``, rebuilt
 after a rollback, kept when a new one fails its check, with requests in flight all answered."""
@@ -23,7 +23,7 @@ from device.agent import DeviceAgent
 from device.deployment import DeploymentClient
 from device.http import serve_http
 from device.inference import PERSONAL, InferenceServer, LocalModels
-from device.personal_serving import (
+from device.personal.serving import (
     PARITY_TOLERANCE,
     GlobalArchive,
     PersonalModelError,
@@ -386,7 +386,11 @@ def test_a_personal_model_that_fails_its_check_keeps_the_previous_one_served(
             client.refresh_personal()
             wait_until(lambda: len(device.asked) == 5, what="asked again")
         assert device.info["variant"] == "fp32" and device.info["sha256"] == second["sha256"]
-        said = [r.levelno for r in caplog.records if "serves the fleet's model" in r.getMessage()]
+        said = [  # dev-1, not personalised, says so for itself
+            r.levelno
+            for r in caplog.records
+            if r.getMessage().startswith("dev-0: serves the fleet's model")
+        ]
         assert said[0] == logging.INFO and said.count(logging.INFO) == 1, said
         wait_until(lambda: agg.registry.get("dev-0").serving_seq == second["seq"], what="status")
 
@@ -409,7 +413,7 @@ def test_a_personal_model_that_fails_its_check_keeps_the_previous_one_served(
 
 def test_a_serve_only_device_imports_no_torch_for_personal_serving() -> None:
     code = (
-        "import sys, device.personal_serving, device.deployment; "
+        "import sys, device.personal.serving, device.deployment; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
     )
     root = Path(__file__).resolve().parent.parent

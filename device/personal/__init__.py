@@ -93,6 +93,27 @@ def seed_for(device_id: str, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{device_id}/{what}".encode()).digest()[:4], "big")
 
 
+def task_sgd(
+    model: nn.Module, data: Dataset, task: Task, device_id: str, **extra: Any
+) -> TrainResult:
+    """The local SGD a task asks for (its epochs, step cap, batch, rate and proximal term) on
+    ``model`` as it stands, seeded by device and task; ``extra`` goes to ``train_local`` (which
+    parameters train, say). Imports torch."""
+    from edgefl.training import train_local
+
+    return train_local(
+        model,
+        data,
+        epochs=task.epochs,
+        batch_size=task.batch_size,
+        lr=task.lr,
+        seed=seed_for(device_id, str(task.round)),
+        max_steps=task.max_steps,
+        prox_mu=task.prox_mu,
+        **extra,
+    )
+
+
 class Personaliser:
     """A personalisation method on one device. Subclasses implement :meth:`train` and
     :meth:`personalise`, and keep what must survive between tasks in slots and scalars
@@ -197,19 +218,9 @@ class Personaliser:
         """The task's own training of the global model (FedAvg's local SGD, as a device
         without personalisation does it) on ``self.model``."""
         from edgefl.models import get_weights, set_weights
-        from edgefl.training import train_local
 
         set_weights(self.model, base_weights)
-        result = train_local(
-            self.model,
-            data,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            seed=seed_for(self.device_id, str(task.round)),
-            max_steps=task.max_steps,
-            prox_mu=task.prox_mu,
-        )
+        result = task_sgd(self.model, data, task, self.device_id)
         return get_weights(self.model), result
 
     def _personal_sgd(

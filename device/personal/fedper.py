@@ -24,11 +24,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from device.personal import Personaliser, Weights, combined, seed_for
+from device.personal import Personaliser, Weights, combined, task_sgd
 from edgefl.data import Dataset
 from edgefl.messages import Task
 from edgefl.models import get_weights, personal_keys, set_weights, shared_spec
-from edgefl.training import TrainResult, train_local
+from edgefl.training import TrainResult
 
 SLOT = "head"
 
@@ -85,15 +85,7 @@ class FedRep(FedPer):
             self.model, data_train, self.settings.personal.epochs, train_only=keys
         )
         # then the body for the task's work, the head frozen
-        body = train_local(
-            self.model,
-            data_train,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            seed=seed_for(self.device_id, str(task.round)),
-            max_steps=task.max_steps,
-            prox_mu=task.prox_mu,
-            train_only=set(self.spec) - keys,
+        body = task_sgd(
+            self.model, data_train, task, self.device_id, train_only=set(self.spec) - keys
         )
         return self._keep_head(get_weights(self.model), base_weights), combined(body, head)

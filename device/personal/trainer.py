@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from device.personal import Personaliser, Settings, make_personaliser, seed_for
+from device.personal import Personaliser, Settings, make_personaliser, seed_for, task_sgd
 from device.personal.state import FILE_NAME, load, save
 from edgefl.config import ConfigError, PersonalConfig
 from edgefl.data import Dataset
@@ -182,19 +182,9 @@ class TaskTrainer:
     def _plain(self, task: Task, base_weights: Mapping[str, np.ndarray]) -> Trained:
         """FedAvg's local training on all the device's data."""
         from edgefl.models import get_weights, set_weights
-        from edgefl.training import train_local
 
         set_weights(self.model, base_weights)
-        result = train_local(
-            self.model,
-            self.data,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            lr=task.lr,
-            seed=seed_for(self.device_id, str(task.round)),
-            max_steps=task.max_steps,
-            prox_mu=task.prox_mu,
-        )
+        result = task_sgd(self.model, self.data, task, self.device_id)
         return Trained(get_weights(self.model), result, dict(self.spec), len(self.data))
 
     def _accuracy(self, weights: Mapping[str, np.ndarray], data: Dataset) -> float:

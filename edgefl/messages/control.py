@@ -176,7 +176,7 @@ class Status:
     serving_seq: int | None = None  # the deployment (rollout or rollback) it came with
     previous_accuracy: float | None = None  # the model served before, on the same data
     # which model answers: the fleet's file ("fp32", "int8") or the device's own personalised
-    # model built on the ``serving`` version ("personal", fp32 always; device/personal_serving.py)
+    # model built on the ``serving`` version ("personal", fp32 always; device/personal/serving.py)
     serving_variant: str | None = None
     ts: float = field(default_factory=time.time)
 
