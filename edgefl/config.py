@@ -393,6 +393,7 @@ PERSONAL_METHODS = ("none", "local", "finetune", "fedper", "fedrep", "ditto", "a
 # the methods that keep their last personal_layers layers on the device: those layers are
 # never sent, and the aggregator aggregates the rest of the model only
 LAYER_METHODS = ("fedper", "fedrep")
+HOLDOUT_SPLITS = ("random", "latest")
 
 
 @dataclass
@@ -410,6 +411,14 @@ class PersonalConfig:
     method: str = "none"
     # share of each device's data kept out of its training to evaluate on (any method but none)
     holdout: float = 0.2
+    # how that share is chosen: "random" (a draw seeded by the device's id, for samples that
+    # are independent of one another) | "latest" (the last share of each class in the order of
+    # the device's data file: its newest data where the file is in the order it was recorded)
+    holdout_split: str = "random"
+    # "latest": samples of each class used by neither part, between its training and its
+    # held-out ones, so that no held-out sample shares readings with a training one (1 for
+    # windows that overlap their neighbour by half, as the watch set's do)
+    holdout_gap: int = 0
     # fedper, fedrep: the last N layers with parameters stay on the device
     personal_layers: int = 1
     # personal training per task: finetune's epochs, ditto's personal model's, fedrep's head's,
@@ -432,6 +441,13 @@ class PersonalConfig:
             )
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError("personal.holdout must lie in (0, 1)")
+        if self.holdout_split not in HOLDOUT_SPLITS:
+            raise ConfigError(
+                f"personal.holdout_split {self.holdout_split!r} is not one of "
+                f"{', '.join(HOLDOUT_SPLITS)}"
+            )
+        if not 0 <= self.holdout_gap <= 1000:
+            raise ConfigError("personal.holdout_gap must be in 0..1000")
         if not 1 <= self.personal_layers <= 64:
             raise ConfigError("personal.personal_layers must be in 1..64")
         if not 0 <= self.epochs <= 1000 or not 0 <= self.adapt_steps <= 100_000:

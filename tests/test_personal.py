@@ -94,6 +94,8 @@ def test_a_task_carries_the_whole_personal_table() -> None:
         {"method": "maml"},
         {"epochs": 1.0},  # an integral float is not an integer
         {"holdout": 1.5},
+        {"holdout_split": "newest"},
+        {"holdout_gap": -1},
         {"apfl_alpha": True},
         {"surprise": 1},
         None,  # a field missing
@@ -147,6 +149,44 @@ def test_the_holdout_split_is_seeded_by_the_device_and_never_empties_a_side(smal
     for n, share, sizes in [(2, 0.2, (1, 1)), (3, 0.9, (1, 2)), (1, 0.5, (1, 0))]:
         t, h = holdout_split(Dataset(small.X[:n], small.y[:n]), share, "d")
         assert (len(t), len(h)) == sizes
+
+
+def test_the_latest_split_holds_out_each_class_newest_samples_behind_a_gap() -> None:
+    # two "recordings" per class, each a run of consecutive ids, as a time series' file is
+    y = np.repeat([0, 1, 0, 1], [30, 20, 30, 20])
+    data = Dataset(np.arange(len(y), dtype=np.float32)[:, None], y)
+    train, held = holdout_split(data, 0.2, "dev-1", "latest", gap=1)
+    for c, n in ((0, 60), (1, 40)):
+        kept, out = train.X[train.y == c, 0], held.X[held.y == c, 0]
+        assert len(out) == round(0.2 * n) and len(kept) == n - len(out) - 1  # one in the gap
+        assert kept.max() + 1 < out.min()  # every held-out sample after every training one
+    assert (train.X[:, 0] == 99).sum() == 0 and 99 in held.X[:, 0]  # the newest is held out
+    # without a gap, both parts together are the data; the same on every device
+    t0, h0 = holdout_split(data, 0.2, "dev-1", "latest")
+    assert len(t0) + len(h0) == len(data)
+    np.testing.assert_array_equal(h0.X, holdout_split(data, 0.2, "dev-9", "latest")[1].X)
+    # a class too small to spare a sample stays in training; a side is never empty
+    tiny = Dataset(np.arange(3, dtype=np.float32)[:, None], np.array([0, 1, 2]))
+    t, h = holdout_split(tiny, 0.2, "d", "latest", gap=5)
+    assert (len(t), len(h)) == (2, 1) and h.X[0, 0] == 2
+
+
+def test_windows_held_out_by_the_watch_config_share_no_reading_with_training() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from edgefl.config import PersonalConfig
+
+    table = tomllib.loads((Path(__file__).parent.parent / "configs/b8_watch.toml").read_text())
+    personal = PersonalConfig(**table["personal"])
+    # windows of 4 readings every 2 (half overlapping, as the watch set's), two recordings
+    starts = np.concatenate([np.arange(0, 80, 2), np.arange(1000, 1060, 2)])
+    X = np.stack([np.arange(s, s + 4) for s in starts]).astype(np.float32)
+    y = np.zeros(len(X), np.int64)
+    train, held = holdout_split(
+        Dataset(X, y), personal.holdout, "d", personal.holdout_split, personal.holdout_gap
+    )
+    assert len(held) and not set(train.X.ravel()) & set(held.X.ravel())
 
 
 # -- the aggregator over part of the model ---------------------------------------------------------

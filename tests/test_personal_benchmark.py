@@ -15,6 +15,7 @@ from benchmarks.b8_personal import (
     DATASETS,
     dataset_summary,
     latest_per_device,
+    parse_setting,
     pooled_accuracy,
     run_figures,
     spread,
@@ -203,3 +204,23 @@ def test_a_seed_sets_the_run_seed_the_partition_and_the_method() -> None:
         assert cfg.rounds.rounds == 3
         assert cfg.rounds.participants == 0  # every device reports every round
         assert 0 < cfg.personal.holdout < 1
+
+
+def test_a_setting_of_a_sweep_overrides_the_config_as_toml() -> None:
+    import benchmarks.b8_personal as b8
+
+    assert parse_setting("personal.ditto_lambda=0.5") == {"personal": {"ditto_lambda": 0.5}}
+    assert parse_setting("personal.holdout_split = 'latest'") == {
+        "personal": {"holdout_split": "latest"}
+    }
+    for bad in ("personal.ditto_lambda", "personal.epochs=three", ".x=1"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)
+    in_file = b8.config_for("digits", "ditto", 1, None).personal.epochs
+    b8.SETTINGS.update(parse_setting(f"personal.epochs={in_file + 2}"))
+    try:
+        cfg = b8.config_for("digits", "ditto", 1, None)
+        assert (cfg.personal.epochs, cfg.personal.method, cfg.seed) == (in_file + 2, "ditto", 1)
+    finally:
+        b8.SETTINGS.clear()
+    assert b8.config_for("digits", "ditto", 1, None).personal.epochs == in_file

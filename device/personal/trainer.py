@@ -3,9 +3,10 @@
 With ``[personal] method = "none"`` a task trains the global model on all the device's data, as
 plain FedAvg does. With any other method:
 
-- a share of the device's data (``holdout``) is kept out of all training to evaluate on: a split
-  seeded by the device's id, the same on every run and after restarts; a device with at least
-  two samples keeps at least one on each side;
+- a share of the device's data (``holdout``) is kept out of all training to evaluate on: a
+  draw seeded by the device's id, or its newest samples of each class (``holdout_split``), the
+  same on every run and after restarts; a device with at least two samples keeps at least one
+  on each side;
 - the global model of the task is evaluated on it first (``global_acc``), the method trains
   (device/personal/, on the training split only), and the device's personal model on the
   task's global model is evaluated after (``personal_acc``); the update carries both and the
@@ -57,13 +58,36 @@ class Trained:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def holdout_split(data: Dataset, share: float, device_id: str) -> tuple[Dataset, Dataset]:
-    """(training, held-out) parts of ``data``: ``share`` of it held out, in a draw seeded by
-    the device's id; with two samples or more, each part has at least one."""
+def holdout_split(
+    data: Dataset, share: float, device_id: str, how: str = "random", gap: int = 0
+) -> tuple[Dataset, Dataset]:
+    """(training, held-out) parts of ``data``, ``share`` of it held out; with two samples or
+    more, each part has at least one.
+
+    ``how`` is ``random`` (a draw seeded by the device's id) or ``latest``: the last ``share``
+    of each class in the data's order, with the ``gap`` samples of that class just before them
+    in neither part (so that overlapping windows of one recording do not sit on both sides)."""
     n = len(data)
-    held = min(max(round(share * n), 1), n - 1) if n >= 2 else 0
-    order = np.random.default_rng(seed_for(device_id, "holdout")).permutation(n)
-    out, keep = np.sort(order[:held]), np.sort(order[held:])
+    if n < 2:
+        out, keep = np.arange(0), np.arange(n)
+    elif how == "random":
+        held = min(max(round(share * n), 1), n - 1)
+        order = np.random.default_rng(seed_for(device_id, "holdout")).permutation(n)
+        out, keep = np.sort(order[:held]), np.sort(order[held:])
+    elif how == "latest":
+        out_parts, keep_parts = [], []
+        for c in np.unique(data.y):
+            idx = np.flatnonzero(data.y == c)  # in the file's order
+            held = min(round(share * len(idx)), len(idx) - 1)
+            room = len(idx) - held - 1  # training keeps one sample of the class at least
+            cut = len(idx) - held - (min(gap, room) if held else 0)
+            out_parts.append(idx[len(idx) - held :])
+            keep_parts.append(idx[:cut])
+        out, keep = np.sort(np.concatenate(out_parts)), np.sort(np.concatenate(keep_parts))
+        if not len(out):  # every class too small to spare one: the newest sample
+            out, keep = np.array([n - 1]), np.arange(n - 1)
+    else:
+        raise ValueError(f"unknown holdout split {how!r}")
     return Dataset(data.X[keep], data.y[keep]), Dataset(data.X[out], data.y[out])
 
 
@@ -87,7 +111,7 @@ class TaskTrainer:
         self.data = data
         self.path = Path(state_dir) / FILE_NAME
         self._lock = threading.Lock()
-        self._splits: dict[float, tuple[Dataset, Dataset]] = {}
+        self._splits: dict[tuple[float, str, int], tuple[Dataset, Dataset]] = {}
         self.personaliser: Personaliser | None = self._restore()
 
     # -- the state's life ------------------------------------------------------------------------
@@ -109,7 +133,7 @@ class TaskTrainer:
             return None
 
     def _build(self, settings: Settings, state=None) -> Personaliser:
-        train, _ = self.split(settings.personal.holdout)
+        train, _ = self.split(settings.personal)
         return make_personaliser(
             settings, self.model, self.model_name, self.spec, train, self.device_id, state
         )
@@ -120,7 +144,7 @@ class TaskTrainer:
         held = self.personaliser
         if held is not None and held.method == settings.method:
             held.settings = settings
-            held.data = self.split(settings.personal.holdout)[0]
+            held.data = self.split(settings.personal)[0]
             return held
         if held is not None:
             log.info(
@@ -135,10 +159,18 @@ class TaskTrainer:
             self.personaliser = fresh
         return fresh
 
-    def split(self, share: float) -> tuple[Dataset, Dataset]:
-        if share not in self._splits:
-            self._splits[share] = holdout_split(self.data, share, self.device_id)
-        return self._splits[share]
+    def split(self, personal: PersonalConfig) -> tuple[Dataset, Dataset]:
+        """(training, held-out) parts of the device's data as ``personal`` draws them."""
+        key = (personal.holdout, personal.holdout_split, personal.holdout_gap)
+        if key not in self._splits:
+            self._splits[key] = holdout_split(
+                self.data,
+                personal.holdout,
+                self.device_id,
+                personal.holdout_split,
+                personal.holdout_gap,
+            )
+        return self._splits[key]
 
     # -- a task --------------------------------------------------------------------------------
 
@@ -159,7 +191,7 @@ class TaskTrainer:
         if personaliser is None:
             return self._plain(task, base_weights)
         started, cpu_started = time.perf_counter(), time.thread_time()
-        train, held = self.split(settings.personal.holdout)
+        train, held = self.split(settings.personal)
         global_acc = self._accuracy(base_weights, held)
         weights, result = personaliser.train(task, base_weights, train)
         personal_acc = self._accuracy(personaliser.personalise(base_weights), held)
