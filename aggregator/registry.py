@@ -293,6 +293,12 @@ class DeviceRegistry:
             ]
         return sorted(out, key=lambda r: r.device_id)
 
+    def records(self) -> list[DeviceRecord]:
+        """Every device heard of, in order of id: the records themselves, to read (the metrics
+        endpoint's per-device series), not to change."""
+        with self._lock:
+            return [self._devices[d] for d in sorted(self._devices)]
+
     def is_online(self, device_id: str) -> bool:
         with self._lock:
             rec = self._devices.get(device_id)
