@@ -247,6 +247,8 @@ def _per_device(records: list) -> Iterator[Metric]:
                                 "level (devices on mains have none)", labels=["device"])
     accepted = CounterMetricFamily(f"{p}_device_updates_accepted", "The device's updates "
                                    "accepted", labels=["device"])
+    rejected = CounterMetricFamily(f"{p}_device_updates_rejected", "The device's updates (and "
+                                   "replies) refused", labels=["device"])
     for r in records:
         online.add_metric([r.device_id], float(r.online))
         last = max(r.telemetry_at, r.status_at)
@@ -255,7 +257,8 @@ def _per_device(records: list) -> Iterator[Metric]:
         if r.battery_pct is not None:
             battery.add_metric([r.device_id], r.battery_pct)
         accepted.add_metric([r.device_id], r.rounds_completed)
-    yield from (online, seen, battery, accepted)
+        rejected.add_metric([r.device_id], r.updates_rejected)
+    yield from (online, seen, battery, accepted, rejected)
 
 
 def _histogram(name: str, doc: str, counts: list[tuple[int, int]]) -> HistogramMetricFamily:

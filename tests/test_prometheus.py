@@ -80,7 +80,8 @@ def test_a_scrape_shows_what_the_run_did(make_fleet) -> None:
     during: list[dict] = []
     with fleet.aggregator(cfg) as agg:
         agg.on_round = lambda m: during.append(scrape(port)) if m.round == 1 else None
-        _junk_update(fleet.broker, "dev-1")
+        wait_until(lambda: agg.registry.is_online("dev-0"), what="dev-0's birth")
+        _junk_update(fleet.broker, "dev-0")
         wait_until(lambda: agg.guard.rejected["update/malformed"] >= 1, what="the rejection")
         history = agg.run()
         after = scrape(port)
@@ -108,6 +109,7 @@ def test_a_scrape_shows_what_the_run_did(make_fleet) -> None:
     battery = value(after, "edgefl_device_battery_percent", device="dev-0")
     assert battery is not None and 50.0 < battery <= 80.0
     assert value(after, "edgefl_device_updates_accepted_total", device="dev-0") == 3
+    assert value(after, "edgefl_device_updates_rejected_total", device="dev-0") == 1
     seen = value(after, "edgefl_device_last_seen_timestamp_seconds", device="dev-0")
     assert seen is not None and seen > 0
     assert value(after, "edgefl_aggregator_info", fleet=FLEET, mode="sync",
