@@ -41,7 +41,7 @@ from prometheus_client.utils import floatToGoString
 
 from aggregator.metrics import RoundMetrics
 from aggregator.registry import DeviceRegistry
-from edgefl.config import MetricsConfig
+from edgefl.config import ConfigError, MetricsConfig
 
 if TYPE_CHECKING:
     from edgefl.messages import AggregatorStatus
@@ -105,7 +105,9 @@ class MetricsExporter:
                 self.cfg.port, addr=self.cfg.host, registry=self.registry
             )
         except OSError as e:
-            raise RuntimeError(
+            # a configuration error: what fixes it is in [metrics] (the command line prints
+            # it as one line)
+            raise ConfigError(
                 f"cannot serve metrics on {self.cfg.host}:{self.cfg.port}: {e.strerror or e}; "
                 "another program holds the port, or the address is not this machine's: set "
                 "[metrics] port (or host), or enabled = false"

@@ -169,6 +169,33 @@ def test_two_exporters_in_one_process_keep_their_own_figures() -> None:
     assert value(parse(b.text()), "edgefl_updates_accepted_total") == 0
 
 
+def test_a_port_in_use_is_a_clear_configuration_error() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        exp = MetricsExporter(
+            MetricsConfig(enabled=True, port=port), fleet="f", mode="sync", model="mlp_digits",
+            registry=DeviceRegistry(), rejected={}, status=lambda: AggregatorStatus("online"),
+        )
+        with pytest.raises(ConfigError, match=rf"127.0.0.1:{port}: .*set \[metrics\] port"):
+            exp.start()
+
+
+def test_totals_go_on_from_the_rounds_before_a_restart() -> None:
+    exp = MetricsExporter(
+        MetricsConfig(enabled=True), fleet="f", mode="sync", model="mlp_digits",
+        registry=DeviceRegistry(), rejected={}, status=lambda: AggregatorStatus("online"),
+        history=[_round(1, reported=4), _round(2, reported=3)],
+    )
+    exp.observe(_round(3, reported=2))
+    got = parse(exp.text())
+    assert value(got, "edgefl_rounds_completed_total") == 3
+    assert value(got, "edgefl_updates_accepted_total") == 9
+    assert value(got, "edgefl_uplink_bytes_total") == 900
+    assert value(got, "edgefl_last_round") == 3
+
+
 def test_the_device_cap_labels_the_first_devices_by_id_and_counts_the_rest() -> None:
     reg = DeviceRegistry()
     for d in ("d3", "d1", "d2", "d4"):
