@@ -35,11 +35,9 @@ CHARTS = (
     ("energy", "Energy per round"),
     ("timeline", "Round timeline"),
 )
-# the aggregator's phases of a round (aggregator/service.py), in the order they happen; the
-# wait for the devices' updates sits between the opening and the close
+# the phases of a synchronous round's opening (aggregator/service.py); the wait for the
+# devices' updates follows, then the close, whose phases each record names in their order
 OPENING = ("plan", "tasks")
-CLOSING = ("wake", "aggregate", "bookkeeping", "optimiser", "evaluate", "metrics",
-           "checkpoint", "publish_model", "status")
 # devices shown by name in the participation chart; a larger fleet is drawn without labels
 LABELLED_DEVICES = 40
 
@@ -205,29 +203,32 @@ def _participation(plt: Any, rounds: list[dict[str, Any]], devices: list[str],
 
 
 def _timeline(plt: Any, rounds: list[dict[str, Any]], xlabel: str) -> Any:
-    """Each round's wall time as stacked phases: opening (plan, tasks), waiting for the
-    devices (to the last accepted update), and the close, phase by phase."""
+    """Each round's wall time as stacked phases: the opening (plan, tasks; synchronous mode),
+    the wait for the devices' updates (to the last one accepted; in asynchronous mode since the
+    previous buffer was applied), then the aggregator's phases of the close in their order."""
     import numpy as np
 
-    xs = np.arange(len(rounds))
-    parts: dict[str, list[float]] = {"opening": [], "devices": []}
-    for name in CLOSING:
-        parts[name] = []
+    opening = () if rounds[0].get("mode") == "async" else OPENING
+    closing: list[str] = []  # every phase the records name, in the order they happened
+    for r in rounds:
+        closing += [k for k in r.get("phases") or {} if k not in opening and k not in closing]
+    parts: dict[str, list[float]] = {"opening": [], "waiting for updates": []}
+    parts.update({name.replace("_", " "): [] for name in closing})
     for r in rounds:
         phases = r.get("phases") or {}
-        opening = sum(phases.get(k, 0.0) for k in OPENING)
-        parts["opening"].append(opening)
-        parts["devices"].append(max(0.0, r.get("last_update_s", 0.0) - opening))
-        for name in CLOSING:
-            parts[name].append(phases.get(name, 0.0))
+        opened = sum(phases.get(k, 0.0) for k in opening)
+        parts["opening"].append(opened)
+        parts["waiting for updates"].append(max(0.0, r.get("last_update_s", 0.0) - opened))
+        for name in closing:
+            parts[name.replace("_", " ")].append(phases.get(name, 0.0))
+    xs = np.arange(len(rounds))
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
     bottom = np.zeros(len(rounds))
     cmap = plt.get_cmap("tab20")
     for i, (name, values) in enumerate(parts.items()):
         if not any(values):
             continue
-        ax.bar(xs, values, bottom=bottom, label=name.replace("_", " "), color=cmap(i),
-               width=0.8)
+        ax.bar(xs, values, bottom=bottom, label=name, color=cmap(i % 20), width=0.8)
         bottom += np.asarray(values)
     step = max(1, len(rounds) // 15)
     ax.set_xticks(xs[::step], [r["round"] for r in rounds][::step])
