@@ -336,6 +336,7 @@ class AsyncEngine:
             ),
             rejected=dict(batch.rejected),
             missing=list(batch.missing),
+            reporters=sorted(set(devices)),
             withdrawn=dict(batch.withdrawn),
             workloads=dict(batch.workloads),
             left_out=dict(batch.left_out),

@@ -91,6 +91,11 @@ def run_service(
         rejected=dict(agg.rejected),
         rejected_by_kind=dict(agg.guard.rejected),
         quarantined=agg.guard.snapshot(),
+        # per device, for the run report: rounds (buffers) it contributed to, updates refused
+        devices={
+            r.device_id: {"rounds": r.rounds_completed, "rejected": r.updates_rejected}
+            for r in agg.registry.records()
+        },
         peak_rss_mb=peak_rss_mb(),
         startup_to_first_round_s=first_round.get("s"),
         exit_code=code,

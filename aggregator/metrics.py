@@ -46,6 +46,8 @@ class RoundMetrics:
     phases: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    # the devices whose updates it took, by id (the run report's participation chart)
+    reporters: list[str] = field(default_factory=list)
     # resource-aware rounds (aggregator/scheduler.py): devices that replied instead of
     # updating ("declined" / "late" / "superseded"), replacements (declined -> replacement),
     # the time budget and each participant's workload, and who was left out and why
@@ -114,6 +116,7 @@ def round_metrics(
         timeline=timeline(result),
         rejected=dict(result.rejected),
         missing=missing,
+        reporters=sorted(result.accepted),
         quarantined=quarantined,
         personal=personal_figures(result.accepted.items()),
         **resources,

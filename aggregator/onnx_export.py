@@ -76,7 +76,10 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | No
     Both first run ONNX Runtime's quantisation pre-processing, shape inference only: its graph
     optimisation step would stamp the file with opset imports of every ONNX Runtime domain,
     which an older ONNX Runtime on a device may refuse, and finds nothing to fuse in these
-    models (ONNX Runtime optimises the graph again when it loads it).
+    models (ONNX Runtime optimises the graph again when it loads it). The step tags the model as
+    pre-processed, which is also what keeps ONNX Runtime from warning "Please consider to run
+    pre-processing before quantization" into the operator's log
+    (tests/test_onnx_export.py checks that it stays quiet).
     """
     from onnxruntime.quantization import (
         QuantFormat,

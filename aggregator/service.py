@@ -43,6 +43,7 @@ from aggregator.metrics import (
     resource_metrics,
     round_metrics,
 )
+from aggregator.prometheus import MetricsExporter
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_for
 from aggregator.rounds import Round, RoundResult, Sink
@@ -144,6 +145,16 @@ class Aggregator:
             self._round = self.engine.buffer
         else:
             self._reopened = self._reopen_round()
+        self.exporter = None if not cfg.metrics.enabled else MetricsExporter(
+            cfg.metrics,
+            fleet=cfg.fleet,
+            mode=cfg.rounds.mode,
+            model=cfg.model.name,
+            registry=self.registry,
+            rejected=self.guard.rejected,
+            status=self._status,
+            history=self.history,
+        )
         self.link = MqttLink(
             f"edgefl-{cfg.fleet}-aggregator",
             cfg.broker,
@@ -170,6 +181,8 @@ class Aggregator:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> Aggregator:
+        if self.exporter is not None:
+            self.exporter.start()
         self.link.start(wait=True)
         self._publish_model()
         return self
@@ -184,6 +197,8 @@ class Aggregator:
             )
             info.wait_for_publish(timeout=2.0)
         self.link.stop()
+        if self.exporter is not None:
+            self.exporter.stop()
 
     def __enter__(self) -> Aggregator:
         return self.start()
@@ -429,6 +444,8 @@ class Aggregator:
         if every and applied and number % every == 0:
             self.export()
         self._publish_status(force=True, accuracy=acc)
+        if self.exporter is not None:
+            self.exporter.observe(metrics)
         if self.on_round is not None:
             self.on_round(metrics)
 

@@ -388,6 +388,35 @@ class DeployConfig:
     chunk_bytes: int = 128 * 1024
 
 
+@dataclass
+class MetricsConfig:
+    """The aggregator's Prometheus endpoint (aggregator/prometheus.py; README, "Metrics"):
+    rounds, accuracy, bytes, rejections, devices online and per-device figures, served over
+    HTTP at http://host:port/metrics while the aggregator runs."""
+
+    # off unless asked for: an operator decides where an HTTP port opens
+    enabled: bool = False
+    # 127.0.0.1 serves this machine only (a Prometheus on the same host, or an SSH tunnel); set
+    # 0.0.0.0 or an interface's address to let a Prometheus elsewhere scrape it
+    host: str = "127.0.0.1"
+    port: int = 9464
+    # Per-device series (battery, last seen) for at most this many devices, the first in
+    # alphabetical order; the rest are counted (edgefl_devices_unlabelled), not labelled, so a
+    # fleet of thousands does not swamp Prometheus with series.
+    max_device_series: int = 200
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ConfigError("metrics.host must name an address to listen on, e.g. 127.0.0.1")
+        # 0 would let the system pick a port nobody could find to scrape
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"metrics.port {self.port} is not a TCP port (1-65535)")
+        if self.max_device_series < 0:
+            raise ConfigError(
+                "metrics.max_device_series must be >= 0 (0: no per-device series, only counts)"
+            )
+
+
 # [personal] methods (device/personal/, one module each; README, "Personalised models")
 PERSONAL_METHODS = ("none", "local", "finetune", "fedper", "fedrep", "ditto", "apfl", "perfedavg")
 # the methods that keep their last personal_layers layers on the device: those layers are
@@ -481,6 +510,7 @@ class FederationConfig:
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
 
     def federation(self) -> dict[str, Any]:

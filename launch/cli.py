@@ -112,8 +112,10 @@ def cmd_device(args: argparse.Namespace) -> int:
             "downlink_bytes": sum(sum(a.link.bytes_in.values()) for a in agents),
             "train_s": sum(a.stats.train_seconds for a in agents),
             "serving": {a.id: a.server.version for a in agents},
-            # energy spent and battery levels (device/profiles.py), replies other than updates
-            "hardware": {a.id: a.hardware.report() | {"replies": a.stats.replies} for a in agents},
+            # energy spent and battery levels (device/profiles.py), replies other than updates,
+            # bytes of its updates (the run report, launch/report.py)
+            "hardware": {a.id: a.hardware.report() | {"replies": a.stats.replies,
+                         "uplink_bytes": a.link.bytes_out["update"]} for a in agents},
         }
         Path(args.stats_out).write_text(json.dumps(stats, indent=1))
     return 0

@@ -6,7 +6,8 @@ commands a deployment runs; several agents per process, each with its own MQTT c
 follows the training over MQTT, and gathers a report in a run folder:
 
     runs/<time>/metrics.json    every figure of the run
-    runs/<time>/accuracy.png    test accuracy per round
+    runs/<time>/report.html     the run report: charts and tables in one page (launch/report.py),
+                                its charts also as PNGs (accuracy.png, bytes.png ...)
     runs/<time>/logs/           the log of every process, the broker's included
     runs/<time>/aggregator/     checkpoint, rounds.jsonl, exported ONNX models
 
@@ -42,6 +43,7 @@ from edgefl.config import (
     to_toml,
 )
 from edgefl.data import Dataset, load_split, partition, save_npz
+from launch.report import device_table, per_device, write_report
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,13 @@ def _groups(ids: list[str], processes: int, solo: bool) -> list[list[str]]:
     return [rest[i::n] for i in range(n) if rest[i::n]] + alone
 
 
+# Before the first round the progress display says something at least this often (seconds).
+STARTUP_QUIET_S = 5.0
+
+
 class _Progress:
-    """Prints the round, devices reported, accuracy and bytes as the run goes."""
+    """Prints the start-up (broker, devices coming online, the first round), then the round,
+    devices reported, accuracy and bytes as the run goes."""
 
     def __init__(self, total_rounds: int, enabled: bool) -> None:
         self.total = total_rounds
@@ -130,6 +137,9 @@ class _Progress:
         self.tty = enabled and sys.stdout.isatty()
         self.live = ""
         self._lock = threading.Lock()
+        self._t0 = self._said_at = time.monotonic()
+        self._online = 0  # devices online by their births, and the count last printed
+        self._shown = -1
 
     def status(self, rnd: int, reported: int, expected: int) -> None:
         if not self.tty or expected == 0:
@@ -173,7 +183,27 @@ class _Progress:
             sys.stdout.write(prefix + line.ljust(70) + "\n")
             sys.stdout.flush()
 
+    def devices_online(self, online: int, total: int) -> None:
+        """Births seen so far; said at most once a second, and always when all are in."""
+        now = time.monotonic()
+        with self._lock:
+            self._online = online
+            if online == self._shown or (online < total and now - self._said_at < 1.0):
+                return
+            self._shown = online
+        self.say(f"  devices online {online}/{total}")
+
+    def still_starting(self, total: int) -> None:
+        """A line at least every STARTUP_QUIET_S seconds until the first round opens, so that
+        a slow start (agents import torch, load their data) never looks hung."""
+        if time.monotonic() - self._said_at >= STARTUP_QUIET_S:
+            self.say(
+                f"  starting: {self._online}/{total} devices online after "
+                f"{time.monotonic() - self._t0:.0f} s (the agents load torch and their data)"
+            )
+
     def say(self, text: str) -> None:
+        self._said_at = time.monotonic()
         if self.enabled:
             with self._lock:
                 sys.stdout.write(("\r" if self.tty else "") + text.ljust(70) + "\n")
@@ -197,8 +227,10 @@ def run_local(
     from aggregator.enrolled import LIST_FILE, add_ids
     from broker import PrivateBroker
     from broker.limits import limits_for_model
-    from edgefl.messages import AggregatorStatus
+    from edgefl.compression import WireError
+    from edgefl.messages import AggregatorStatus, Status
     from edgefl.mqtt import MqttLink
+    from edgefl.topics import Topics
 
     t0 = time.perf_counter()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -209,6 +241,7 @@ def run_local(
     n = cfg.demo.devices
     device_ids = [f"dev-{i:0{max(2, len(str(n - 1)))}d}" for i in range(n)]
     show = _Progress(cfg.rounds.rounds, progress)
+    topics = Topics(cfg.fleet)
     rounds = (
         f"{cfg.rounds.rounds} rounds"
         if cfg.rounds.mode == "sync"
@@ -233,6 +266,7 @@ def run_local(
         cfg.fleet, workdir=run_dir / "broker", device_ids=device_ids, limits=limits
     ) as broker:
         marks["broker_up_s"] = time.perf_counter() - t0
+        show.say(f"  broker up on {broker.host}:{broker.port} ({marks['broker_up_s']:.1f} s)")
 
         def client(account: Any) -> BrokerConfig:
             cap = cfg.demo.max_packet_bytes
@@ -295,6 +329,9 @@ def run_local(
         ]
         aggregator = _spawn(agg_cmd, env, logs / "aggregator.out")
         marks["processes_started_s"] = time.perf_counter() - t0
+        show.say(
+            f"  starting {n} device agents in {len(groups)} processes, and the aggregator"
+        )
 
         live = LocalRun(broker, run_dir, aggregator.pid)
         done_during = threading.Event()
@@ -313,8 +350,15 @@ def run_local(
         def on_status(_topic: str, payload: bytes) -> None:
             st = AggregatorStatus.from_payload(payload)
             live.round = st.round
+            if "aggregator_up_s" not in marks and st.state == "online":
+                marks["aggregator_up_s"] = time.perf_counter() - t0
+                show.say("  aggregator online")
             if st.expected and "first_round_s" not in marks:
                 marks["first_round_s"] = time.perf_counter() - t0
+                what = "round 1" if cfg.rounds.mode == "sync" else "training (asynchronous)"
+                show.say(
+                    f"  {what} started {marks['first_round_s']:.1f} s after start-up began"
+                )
                 if during is not None:
                     threading.Thread(target=run_during, name="during", daemon=True).start()
             show.status(st.round, st.reported, st.expected)
@@ -323,6 +367,20 @@ def run_local(
             f"edgefl-{cfg.fleet}-monitor", broker.broker_config(broker.monitor), clean_start=True
         )
         monitor.subscribe(f"edgefl/{cfg.fleet}/aggregator/status", on_status)
+        births: set[str] = set()
+
+        def on_device_status(topic: str, payload: bytes) -> None:
+            parsed = topics.parse_device_topic(topic)
+            try:
+                online = bool(payload) and Status.from_payload(payload).state == "online"
+            except WireError:
+                return  # not ours to judge; the aggregator counts it
+            if parsed is None:
+                return
+            (births.add if online else births.discard)(parsed[0])
+            show.devices_online(len(births & set(device_ids)), n)
+
+        monitor.subscribe(topics.all_devices("status"), on_device_status)
         rounds_file = run_dir / "aggregator" / "rounds.jsonl"
         seen = 0
         rounds: list[dict[str, Any]] = []
@@ -337,6 +395,8 @@ def run_local(
                     seen = _follow(rounds_file, seen, rounds, show)
                     if any(p.poll() is not None for _, p in procs):
                         raise RuntimeError(f"a device process stopped early; see {logs}")
+                    if "first_round_s" not in marks:
+                        show.still_starting(n)
                     time.sleep(0.1)
                 _follow(rounds_file, seen, rounds, show)
                 marks["aggregator_done_s"] = time.perf_counter() - t0
@@ -370,7 +430,7 @@ def run_local(
             device_stats[f"devices-{i}"] = json.loads(path.read_text()) | {"devices": group}
     result.metrics = _metrics(cfg, agg_summary, device_stats, marks, sizes, groups)
     (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
-    _plot(result.metrics, run_dir / "accuracy.png")
+    write_report(result.metrics, run_dir)
     result.ok = not result.error and bool(agg_summary.get("rounds"))
     if result.error:
         show.say(f"edgefl: run failed: {result.error}")
@@ -459,36 +519,14 @@ def _metrics(
         "onnx": agg.get("onnx"),
         "deployment": agg.get("deployment"),
         "samples_per_device": sizes,
+        # rounds taken part in, updates rejected, samples, bytes sent (launch/report.py)
+        "devices": per_device(rounds, agg.get("devices", {}), devices, sizes),
         "marks": marks,
     }
 
 
-def _plot(metrics: dict[str, Any], path: Path) -> None:
-    accs = [a for a in metrics.get("acc_by_round", []) if a is not None]
-    if not accs:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3)
-    asynchronous = metrics["config"]["rounds"].get("mode") == "async"
-    ax.set_xlabel("buffer applied (model version)" if asynchronous else "round")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    cfg = metrics["config"]
-    ax.set_title(
-        f"edgefl: {cfg['demo']['devices']} devices, {cfg['model']['name']}, {cfg['codec']['name']}"
-    )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+# the closing summary's per-device table stops after this many rows (report.html has them all)
+SUMMARY_DEVICES = 25
 
 
 def print_summary(result: RunResult) -> None:
@@ -532,7 +570,11 @@ def print_summary(result: RunResult) -> None:
         lines.append(f"  deployment            v{dep['version']} NOT rolled out: {why}")
     if m.get("rejected"):
         lines.append(f"  rejected updates      {m['rejected']}")
-    lines.append(f"  report                {result.run_dir}/ (metrics.json, accuracy.png, logs/)")
+    if m.get("devices"):
+        lines.append("  per device")
+        table = device_table(m["devices"], len(m["rounds"]), limit=SUMMARY_DEVICES)
+        lines += [f"    {row}" for row in table]
+    lines.append(f"  report                {result.run_dir}/report.html (metrics.json, logs/)")
     print("\n".join(line for line in lines if line))
 
 
