@@ -1,9 +1,9 @@
-"""The ``edgefl`` command: the same programs a deployment runs, and the local demo.
+"""The ``edgefl`` command: the same programs a deployment runs, the operators' tools, and the
+local demo; one subcommand each (``edgefl --help`` lists them from the parser below).
 
-edgefl broker       run Mosquitto with edgefl's configuration (a deployment's broker)
-edgefl aggregator   run the aggregator service
-edgefl device       run a device agent (several configs: several agents in one process)
-edgefl demo         start all of the above locally and run B1 end to end
+Errors a user can fix (edgefl/errors.py: a configuration that cannot work, a broker that refused
+us, no model installed ...) are raised by the roles and turned into one line on standard error,
+and the exit code, in one place: :func:`main`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import logging
 import signal
 import sys
 import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from edgefl.config import (
@@ -26,8 +28,22 @@ from edgefl.config import (
     check_name,
     load,
 )
+from edgefl.errors import UsageError, UserError
 
 log = logging.getLogger("edgefl")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_SIGNAL = 130
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    try:
+        return package_version("edgefl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from edgefl import __version__
+
+        return __version__
 
 
 def _setup_logging(level: str, logfile: str | None = None) -> None:
@@ -36,7 +52,7 @@ def _setup_logging(level: str, logfile: str | None = None) -> None:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(logfile)]
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         handlers=handlers,
     )
@@ -58,11 +74,11 @@ def _until_signal() -> threading.Event:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
+    cfg = load(AggregatorConfig, args.config)  # first: a bad config fails before torch loads
     import torch
 
     from aggregator.main import run_service
 
-    cfg = load(AggregatorConfig, args.config)
     torch.set_num_threads(args.threads)
     return run_service(
         cfg,
@@ -77,22 +93,18 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
+    configs = [load(DeviceConfig, path) for path in args.config]
     from concurrent.futures import ThreadPoolExecutor
 
     from device.agent import DeviceAgent, set_torch_threads
 
-    configs = [load(DeviceConfig, path) for path in args.config]
     set_torch_threads(configs[0].torch_threads)
     stop = _until_signal()
     # one executor for all agents of this process: each agent trains when its task comes, and
     # they may all be asked at once
     executor = ThreadPoolExecutor(min(len(configs), 64), thread_name_prefix="train")
-    try:
-        agents = [DeviceAgent(c, executor=executor) for c in configs]
-    except (FileNotFoundError, ValueError) as e:
-        # bad or missing local data: a restart would not fix it (systemd does not retry exit 2)
-        print(f"edgefl device: {e}", file=sys.stderr)
-        return 2
+    # bad or missing local data raises a configuration error (exit 2: systemd does not retry)
+    agents = [DeviceAgent(c, executor=executor) for c in configs]
     for agent in agents:
         agent.start(wait=False)
     log.info("%d device agent(s) started", len(agents))
@@ -217,12 +229,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from device.inference import InferenceServer
 
+    path = Path(args.input)
+    for given, what in ((path, "input file"), (args.model and Path(args.model), "model file")):
+        if given and not given.is_file():
+            raise UsageError(f"{what} {given} does not exist (or is not a file)")
     if args.model:
         server = InferenceServer()
         server.load(args.model)
     else:
         server = InferenceServer.from_dir(args.model_dir)
-    path = Path(args.input)
     labels = None
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
@@ -312,7 +327,6 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edgefl.data import DataMissingError
     from launch.local import run_demo
 
     overrides: dict[str, dict[str, object]] = {}
@@ -321,21 +335,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.devices is not None:
         overrides.setdefault("demo", {})["devices"] = args.devices
     cfg = load(RunConfig, args.config, overrides)
-    try:
-        result = run_demo(cfg, run_dir=args.run_dir, progress=True)
-    except DataMissingError as e:  # says what installs it
-        print(f"edgefl demo: {e}", file=sys.stderr)
-        return 2
+    # a data set that is not installed raises DataMissingError, which says what installs it
+    result = run_demo(cfg, run_dir=args.run_dir, progress=True)
     return 0 if result.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options; each subcommand's ``help`` is its line in ``--help``."""
     p = argparse.ArgumentParser(
-        prog="edgefl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="edgefl",
+        description="Federated learning for fleets of small edge devices over MQTT.",
+        epilog="`edgefl COMMAND --help` shows a command's options. Exit codes: 0 done; 1 failed "
+        "at run time (the broker unreachable, a round that failed: systemd restarts the "
+        "service); 2 a usage or configuration error (systemd does not restart it); 130 "
+        "stopped by a signal.",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--version", action="version", version=f"edgefl {_version()}")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="how much to log (default INFO; DEBUG shows every message)",
+    )
     p.add_argument("--log-file", help="write logs here instead of standard error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     a = sub.add_parser("aggregator", help="run the aggregator service")
     a.add_argument("--config", required=True, help="aggregator TOML (see configs/)")
@@ -464,17 +488,24 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--devices", type=int)
     m.add_argument("--run-dir", help="where to put the run's files (default runs/<time>)")
     m.set_defaults(func=cmd_demo)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command != "demo" or args.log_file:
         _setup_logging(args.log_level, args.log_file)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"edgefl: configuration error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        # the one place user-facing errors are reported: one line, no traceback (a bug, any
+        # other exception, keeps its traceback)
+        print(f"edgefl {args.command}: {e.line()}", file=sys.stderr)
+        if args.log_file:  # and where the rest of the story is
+            log.error("%s", e.line())
+        return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGNAL
 
 
 if __name__ == "__main__":
