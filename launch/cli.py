@@ -108,8 +108,11 @@ def cmd_device(args: argparse.Namespace) -> int:
     for agent in agents:
         agent.start(wait=False)
     log.info("%d device agent(s) started", len(agents))
-    while not stop.wait(0.5):
-        pass
+    # an agent whose account is refused or whose id another agent took has stopped for good:
+    # the process ends with its error, so that systemd shows the unit failed and why
+    failure = None
+    while failure is None and not stop.wait(0.2):
+        failure = next((a.failure for a in agents if a.failure is not None), None)
     for agent in agents:
         agent.stop()
     executor.shutdown(wait=False, cancel_futures=True)
@@ -128,6 +131,8 @@ def cmd_device(args: argparse.Namespace) -> int:
             "hardware": {a.id: a.hardware.report() | {"replies": a.stats.replies} for a in agents},
         }
         Path(args.stats_out).write_text(json.dumps(stats, indent=1))
+    if failure is not None:
+        raise failure
     return 0
 
 
