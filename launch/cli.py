@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("broker", help="run Mosquitto with edgefl's configuration")
     b.add_argument("--dir", default="broker-data", help="where config, passwords and data live")
-    b.add_argument("--fleet", default="demo")
+    b.add_argument("--fleet", default="demo", help="the fleet's name, as in the configs' fleet")
     b.add_argument("--port", type=int, default=1883, help="the plain listener's port")
     b.add_argument("--bind", default="0.0.0.0", help="the listeners' address")
     b.add_argument(
@@ -397,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-plain", action="store_true", help="no plain listener at all (needs the TLS files)"
     )
-    b.add_argument("--tls-ca")
-    b.add_argument("--tls-cert")
-    b.add_argument("--tls-key")
-    b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument("--tls-ca", help="CA certificate (edgefl certs): turns the TLS listener on")
+    b.add_argument("--tls-cert", help="the broker's certificate")
+    b.add_argument("--tls-key", help="the broker's private key")
+    b.add_argument("--tls-port", type=int, default=8883, help="the TLS listener's port")
     b.add_argument(
         "--model",
         default="mlp_digits",
@@ -428,11 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_broker)
 
     e = sub.add_parser("enroll", help="create device accounts and their config files")
-    e.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    e.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="the ids to enrol")
     e.add_argument(
         "--dir", default="broker-data", help="the broker's directory (edgefl broker --dir)"
     )
-    e.add_argument("--fleet", default="demo")
+    e.add_argument("--fleet", default="demo", help="the fleet's name (edgefl broker --fleet)")
     e.add_argument("--host", required=True, help="the broker's address as the devices see it")
     e.add_argument(
         "--port", type=int, help="the broker's port (default 1883, or 8883 with --tls-ca)"
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_enroll)
 
     c = sub.add_parser("certs", help="make a CA and a TLS certificate for the broker")
-    c.add_argument("--dir", default="broker-tls")
+    c.add_argument("--dir", default="broker-tls", help="where to write the CA and certificate")
     c.add_argument(
         "--host",
         action="append",
@@ -475,22 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="serve the previous model again, fleet-wide")
     rb.add_argument("--config", required=True, help="the aggregator's TOML")
     rb.add_argument("--to", type=int, help="this model version instead of the previous one")
-    rb.add_argument("--variant", choices=["fp32", "int8"])
+    rb.add_argument("--variant", choices=["fp32", "int8"], help="which of its files to serve")
     _admin_secret_argument(rb)
     rb.set_defaults(func=cmd_rollback)
 
     ra = sub.add_parser(
         "readmit", help="lift a device's quarantine at the broker (none given: list them)"
     )
-    ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
+    ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID", help="the ids to re-admit")
     ra.add_argument("--config", required=True, help="the aggregator's TOML (broker address)")
     _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
-    m.add_argument("--config", default="configs/b1.toml")
-    m.add_argument("--rounds", type=int)
-    m.add_argument("--devices", type=int)
+    m.add_argument("--config", default="configs/b1.toml", help="the run's TOML (see configs/)")
+    m.add_argument("--rounds", type=int, help="override the number of rounds")
+    m.add_argument("--devices", type=int, help="override the number of simulated devices")
     m.add_argument("--run-dir", help="where to put the run's files (default runs/<time>)")
     m.set_defaults(func=cmd_demo)
     return p

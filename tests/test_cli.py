@@ -60,6 +60,9 @@ def test_the_help_lists_every_command_with_a_description_and_no_markup() -> None
         assert text, f"{command} has no description"
         assert any(line.split()[:1] == [command] for line in lines), f"{command} not listed"
     assert "``" not in result.stdout and "Exit codes" in result.stdout
+    for command, parser in sub.choices.items():  # and every option of every command says what
+        silent = [a.dest for a in parser._actions if not a.help]
+        assert not silent, f"edgefl {command}: {silent} have no help"
 
 
 def test_an_unknown_log_level_is_refused_with_the_choices() -> None:
