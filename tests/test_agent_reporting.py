@@ -90,7 +90,12 @@ def test_a_device_whose_broker_is_down_says_so_every_few_seconds_not_every_retry
         assert proc.poll() is None  # a broker that is down may come back: it keeps trying
     finally:
         proc.terminate()
-        assert proc.wait(20) == 0
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_a_refused_password_ends_edgefl_device_with_one_line_and_exit_2(
@@ -100,7 +105,12 @@ def test_a_refused_password_ends_edgefl_device_with_one_line_and_exit_2(
     wrong = dataclasses.replace(broker.broker_config(account), password="not-its-password")
     config = _device_toml(tmp_path, digits[0], wrong)
     proc = _edgefl_device(config, subprocess.PIPE, "--log-file", str(tmp_path / "dev.log"))
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it did not exit: the failure is reported above
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 2, stderr  # systemd does not restart exit 2: the unit shows failed
     assert "Traceback" not in stderr
     [line] = stderr.strip().splitlines()
