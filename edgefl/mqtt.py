@@ -585,13 +585,14 @@ class MqttLink:
         if self._warned_at is not None and now - self._warned_at < UNREACHABLE_WARN_S:
             return
         self._warned_at = now
+        down_s = now - self._down_since
         log.warning(
-            "%s: the broker at %s is unreachable (%s) for %.0f s; still trying to connect as %r "
+            "%s: the broker at %s is unreachable (%s)%s; still trying to connect as %r "
             "(attempt %d, then every 30 s at most); is it running, and are host and port right?",
             self.client_id,
             self.where,
             why,
-            now - self._down_since,
+            f" for {down_s:.0f} s" if down_s >= 1 else "",
             self.client_id,
             self._attempts,
         )
