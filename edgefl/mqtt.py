@@ -148,6 +148,9 @@ class MqttLink:
         self._timed: dict[int, tuple[float, int, AckedCallback]] = {}
         self._timed_early: dict[int, float] = {}
         self._timing = 0
+        # set once connected, or once refused for good (bad credentials): waiting longer for
+        # a connection that cannot come only delays the error
+        self._first_result: threading.Event = threading.Event()
         self._refused: str | None = None
         # what ended the link for good (see on_failure); `failed` is set with it
         self.failure: BrokerUnavailable | None = None
@@ -198,6 +201,7 @@ class MqttLink:
     def start(self, wait: bool = True) -> MqttLink:
         """Connect in the background; with ``wait``, return once connected and subscribed (the
         broker acknowledged every subscription made before), or raise why not."""
+        self._first_result.clear()  # a link started again waits for its new connection
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.broker.session_expiry_s
         self._client.connect_async(
@@ -238,11 +242,7 @@ class MqttLink:
                 self._subs_early.add(mid)
 
     def wait_connected(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        # a refusal ends the wait at once, not after the timeout
-        while not self.connected.wait(0.05):
-            if self.failed.is_set() or time.monotonic() > deadline:
-                break
+        self._first_result.wait(timeout)
         if self.connected.is_set():
             return
         where = f"{self.broker.host}:{self.broker.port}"
@@ -477,6 +477,7 @@ class MqttLink:
                 self._subs_pending.add(SENDING)
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
             self.connected.set()
+            self._first_result.set()
         if subs:
             self._sent_subscribe(client.subscribe([(f, q) for f, q in subs]))
             with self._subs_settled:
@@ -553,6 +554,7 @@ class MqttLink:
             return
         self.failure = error
         self.failed.set()
+        self._first_result.set()  # start(wait=True) raises it at once
         # an owner that takes the error reports it (the command line prints it once)
         (log.debug if self._on_failure is not None else log.error)(
             "%s: %s", self.client_id, error.line()

@@ -32,7 +32,7 @@ from edgefl.errors import UsageError, UserError
 
 log = logging.getLogger("edgefl")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EXIT_SIGNAL = 130
 
 
@@ -358,7 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgefl {_version()}")
     p.add_argument(
         "--log-level",
-        default="INFO",
         type=str.upper,
         choices=LOG_LEVELS,
         help="how much to log (default INFO; DEBUG shows every message)",
@@ -499,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "demo" or args.log_file:
-        _setup_logging(args.log_level, args.log_file)
+        _setup_logging(args.log_level or "INFO", args.log_file)
     try:
         return args.func(args)
     except UserError as e:
