@@ -113,6 +113,7 @@ class Aggregator:
                 cfg.eval_data,
                 features=int(np.prod(self.info.input_shape)),
                 classes=self.info.num_classes,
+                setting="eval_data in the aggregator's config",
             )
         self.eval_data = eval_data
         self.on_round = on_round

@@ -28,6 +28,7 @@ from types import TracebackType
 
 from edgefl.compression.indices import varint
 from edgefl.config import BrokerConfig, ConfigError, check_name
+from edgefl.errors import UserError
 
 from .credentials import (
     RESERVED_USERNAMES,
@@ -60,8 +61,8 @@ INSTALL_HINT = (
 )
 
 
-class BrokerError(RuntimeError):
-    """Mosquitto could not be found, started or reloaded; the message says why."""
+class BrokerError(UserError, RuntimeError):
+    """Mosquitto could not be found, started or reloaded; the message says why (exit code 1)."""
 
 
 def find_mosquitto() -> str:

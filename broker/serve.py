@@ -8,10 +8,12 @@ templates each time the broker starts), ``passwords`` (kept: it holds every enro
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -152,6 +154,11 @@ def serve(
     """Run Mosquitto in the foreground for ``fleet`` until SIGINT/SIGTERM; its exit code.
     The listener options are :func:`prepare`'s."""
     workdir = Path(workdir).resolve()
+    # Mosquitto would only say "Address already in use" and exit: name the port and the cure
+    if plain:
+        check_port_free(plain_bind or bind, port, "--port", workdir)
+    if tls_cafile:
+        check_port_free(bind, tls_port, "--tls-port", workdir)
     config_path = prepare(
         fleet,
         workdir,
@@ -207,6 +214,34 @@ def serve(
     code = 128 - code if code < 0 else code
     log.info("Mosquitto exited with code %d", code)
     return code
+
+
+def check_port_free(bind: str, port: int, option: str, workdir: Path) -> None:
+    """Raise :class:`BrokerError` if something already listens on ``bind``:``port``, saying
+    what most likely does (a system Mosquitto on a Debian machine) and the ``option`` that
+    moves our listener. Other bind errors are left for Mosquitto to report."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # as Mosquitto binds: a port in TIME_WAIT is free to it, one with a listener is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind, port))
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return
+    pid = running_pid(workdir)
+    if pid is not None:
+        holder = f"the edgefl broker started from {workdir} (pid {pid}) holds it"
+        fix = f"stop that one first, or give this one another port: `edgefl broker {option} N`"
+    else:
+        holder = "another program listens there, most likely the system's Mosquitto"
+        fix = (
+            "stop it (`sudo systemctl stop mosquitto`; `sudo systemctl disable mosquitto` keeps "
+            f"it off after a reboot), or use another port: `edgefl broker {option} N` (and the "
+            "same port in the devices' and the aggregator's [broker] port)"
+        )
+    raise BrokerError(f"port {port} on {bind} is already in use: {holder}", fix)
 
 
 def enroll(workdir: str | Path, device_id: str) -> Account:

@@ -8,6 +8,11 @@ telemetry then reports (device/profiles.py, device/telemetry.py LinkEstimator). 
 a [personal] method also trains the device's personal model and reports its accuracy and the
 global model's on data held out of training (device/personal/trainer.py does all of that).
 
+It logs what an operator needs to follow it: the connection, each task (round and workload),
+each update (round, bytes, the broker's acknowledgement), each model it installs. Two failures
+no retry can cure end it (``failure``, and ``edgefl device`` exits with code 2): the broker
+refusing its account at start-up, and another agent taking its device id (edgefl/mqtt.py).
+
 Everything the agent receives is checked before use; a bad message is logged and dropped. The
 agent never blocks its network thread: training runs on an executor, so telemetry and
 keep-alives go on while it works. Several agents can share one process (and one executor), each
@@ -58,7 +63,7 @@ from edgefl.messages import (
     Telemetry,
 )
 from edgefl.models import build_model, model_info, model_spec
-from edgefl.mqtt import MqttLink, Will
+from edgefl.mqtt import BrokerUnavailable, MqttLink, Will
 from edgefl.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,16 @@ def set_torch_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _workload(task: Task) -> str:
+    """A task's work as one phrase, for the log."""
+    steps = f", at most {task.max_steps} steps" if task.max_steps else ""
+    return (
+        f"{task.epochs} epoch(s){steps}, batch {task.batch_size}, lr {task.lr:g}, on model "
+        f"v{task.base_version}, update as {task.codec.name}, due in "
+        f"{max(0.0, task.deadline - time.time()):.0f} s"
+    )
 
 
 @dataclass
@@ -110,7 +125,10 @@ class DeviceAgent:
             data
             if data is not None
             else load_npz(
-                cfg.data, features=int(np.prod(info.input_shape)), classes=info.num_classes
+                cfg.data,
+                features=int(np.prod(info.input_shape)),
+                classes=info.num_classes,
+                setting="data in the device's config",
             )
         )
         # None: it can train; else why not. A serve-only device holds no torch model and
@@ -148,6 +166,7 @@ class DeviceAgent:
             cfg.broker,
             will=Will(self.topics.status(self.id), Status("offline").to_payload()),
             on_connect=self._on_connect,
+            on_failure=self._on_link_failure,
         )
         self.encoder = UpdateEncoder(self.id, cfg.state_dir)
         # global models that deployments named, so that a rollback can rebuild the personal one
@@ -235,6 +254,18 @@ class DeviceAgent:
         self.stop()
 
     @property
+    def failure(self) -> BrokerUnavailable | None:
+        """Why the agent gave up (its account refused, its id taken), or None while it runs.
+        Whoever runs the agent reports it (``edgefl device`` prints it and exits)."""
+        return self.link.failure
+
+    def _on_link_failure(self, error: BrokerUnavailable) -> None:
+        # the link has stopped; so does the telemetry. Our owner reports the error (logging it
+        # here too would print it twice on a terminal)
+        self._stop.set()
+        self._cancel.set()
+
+    @property
     def model_version(self) -> int:
         return self.global_model.version if self.global_model else -1
 
@@ -313,7 +344,13 @@ class DeviceAgent:
                 self._pending, passed, pending = None, pending, None
             else:
                 pending = None
-        log.debug("%s: holds global model v%d", self.id, msg.version)
+        log.info(
+            "%s: installed global model v%d (round %d%s)",
+            self.id,
+            msg.version,
+            msg.round,
+            ", from a delta" if msg.deltas else "",
+        )
         if pending is not None:
             self._submit(pending)
         if passed is not None:
@@ -337,6 +374,7 @@ class DeviceAgent:
                 log.info("%s: task for round %d arrived after its deadline", self.id, task.round)
                 return
             self._seen_tasks.append(key)
+            log.info("%s: round %d task: %s", self.id, task.round, _workload(task))
             if self.sync is None:  # it cannot train: no model to wait for, no work to stop
                 want = None
             else:
@@ -435,26 +473,29 @@ class DeviceAgent:
         # in one message, or in chunks if it is larger than the broker's packet limit; a real
         # device times it until the PUBACK of its last message, for its uplink estimate
         nbytes, sent_at = len(payload), time.monotonic()
-        publish_update(
-            self.link,
-            self.topics,
-            self.id,
-            task,
-            payload,
-            on_acked=(lambda _s: self.hardware.observe_upload(nbytes, time.monotonic() - sent_at))
-            if self.hardware.measures_link
-            else None,
-        )
-        self.stats.updates_sent += 1
-        self.stats.train_seconds += train_s
-        log.debug(
-            "%s: round %d trained %d steps in %.3f s, sent %d bytes",
+
+        def acked(seconds: float) -> None:
+            log.info(
+                "%s: round %d update accepted by the broker (%.2f s after sending)",
+                self.id,
+                task.round,
+                seconds,
+            )
+            if self.hardware.measures_link:
+                self.hardware.observe_upload(nbytes, time.monotonic() - sent_at)
+
+        log.info(
+            "%s: round %d sending update: %d bytes (%d steps in %.2f s, loss %.4f)",
             self.id,
             task.round,
+            nbytes,
             result.steps,
-            result.seconds,
-            len(payload),
+            train_s,
+            result.loss,
         )
+        publish_update(self.link, self.topics, self.id, task, payload, on_acked=acked)
+        self.stats.updates_sent += 1
+        self.stats.train_seconds += train_s
 
     # -- resources: battery guard, simulated pace, replies ---------------------------------------
 

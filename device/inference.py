@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgefl.atomic import write_atomic
+from edgefl.errors import UserError
 
 CURRENT = "current.json"
 KEEP = 3
@@ -72,6 +73,10 @@ class LocalModels:
                 old.unlink(missing_ok=True)
 
 
+class NoModelInstalled(UserError, FileNotFoundError):
+    """A device's model directory holds no model in service (yet)."""
+
+
 class InferenceServer:
     """Holds one ONNX Runtime session and swaps it for a new version without dropping requests:
     a request in flight keeps the session it started with."""
@@ -92,7 +97,12 @@ class InferenceServer:
         store = LocalModels(model_dir)
         info = store.current()
         if info is None:
-            raise FileNotFoundError(f"no model installed in {model_dir}")
+            raise NoModelInstalled(
+                f"no model installed in {model_dir}",
+                "a device installs the model the aggregator deploys at the end of training; "
+                "wait for that, or give the device's state_dir/models directory (--model-dir) "
+                "or an .onnx file (--model)",
+            )
         server = cls(threads)
         server.load(store.path(info["sha256"]), info)
         return server

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from typing import Any
 
 from device.telemetry import LinkEstimator, read_battery, read_system
-from edgefl.config import ProfileConfig
+from edgefl.config import ConfigError, ProfileConfig
 from edgefl.messages import PowerModel, Telemetry
 
 
@@ -179,9 +179,9 @@ class SimulatedHardware(Hardware):
 
     def __init__(self, profile: ProfileConfig) -> None:
         if profile.slowdown < 1.0:
-            raise ValueError(f"profile.slowdown must be at least 1, not {profile.slowdown}")
+            raise ConfigError(f"profile.slowdown must be at least 1, not {profile.slowdown}")
         if profile.battery_pct is not None and not 0.0 <= profile.battery_pct <= 100.0:
-            raise ValueError(f"profile.battery_pct must be 0-100, not {profile.battery_pct}")
+            raise ConfigError(f"profile.battery_pct must be 0-100, not {profile.battery_pct}")
         if (
             profile.battery_wh <= 0
             or profile.base_sps < 0
@@ -189,7 +189,7 @@ class SimulatedHardware(Hardware):
             or profile.charge_w < 0
             or profile.mem_available_mb < 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 "profile.battery_wh must be positive; base_sps, link_kbps, charge_w and "
                 "mem_available_mb >= 0"
             )

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgefl.errors import UsageError
+
 # \Z, not $: $ also matches before a trailing newline, which would let "dev\n" through
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}\Z")
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is wrong; the message says where and how."""
+class ConfigError(UsageError, ValueError):
+    """A configuration file or value is wrong; the message says where and how (exit code 2)."""
 
 
 def check_name(kind: str, value: str) -> str:
@@ -664,19 +666,29 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 def load(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
     """Read a TOML file into ``cls``; ``overrides`` (same shape) win over the file."""
     path = Path(path)
+    example = "give the path of a TOML file (examples in configs/)"
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"configuration file {path} does not exist", example) from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path} is a directory", example) from None
+    except OSError as e:  # no permission, an unreadable disk ...
+        raise ConfigError(
+            f"cannot read configuration file {path}: {e.strerror}",
+            "check the file's permissions (the edgefl services read it as user edgefl)",
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path}: not valid TOML: {e}", "see https://toml.io or the examples in configs/"
+        ) from None
     if overrides:
         data = merge(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}", e.fix) from None
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

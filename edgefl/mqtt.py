@@ -5,6 +5,9 @@
 - Reconnects by itself, with backoff, after losing the broker; subscriptions are renewed on every
   (re)connect, which also covers a broker that restarted without its persistence file.
 - A Last Will, for the birth/death scheme of docs/architecture.md.
+- Says what it does: connected (where, as whom), the broker unreachable (every
+  ``UNREACHABLE_WARN_S``, not every retry), our account refused, our client id taken by another
+  client. The last two cannot cure themselves: the link stops and reports them to ``on_failure``.
 - Handlers run in the network thread; an exception in one is logged and counted, never allowed to
   stop the connection: what arrives over MQTT is untrusted and may trip anything.
 - Counts payload bytes published and received, per topic kind, for the benchmarks.
@@ -16,6 +19,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefl.config import BrokerConfig
+from edgefl.errors import UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,17 @@ Handler = Callable[[str, bytes], None]
 DeferredHandler = Callable[[str, bytes, Callable[[], None]], None]
 
 
-class BrokerUnavailable(ConnectionError):
+class BrokerUnavailable(UserError, ConnectionError):
     """The broker could not be reached, or refused us; the message says which and what to check."""
+
+
+class BrokerRefused(UsageError, BrokerUnavailable):
+    """The broker refused our account (bad username or password, not authorised): the same
+    configuration would be refused again, so it is a configuration error (exit code 2)."""
+
+
+class ClientIdTaken(UsageError, BrokerUnavailable):
+    """Another client connects with our client id, and the broker hands it our connection."""
 
 
 @dataclass
@@ -72,6 +86,26 @@ ACK_WATCH_S = 600.0
 
 AckedCallback = Callable[[float], None]
 
+# while the broker cannot be reached, say so this often (paho retries every 1 to 30 s)
+UNREACHABLE_WARN_S = 10.0
+# CONNACK reason codes that refuse the account itself: bad username or password, not
+# authorised, bad authentication method (MQTT 5, 3.2.2.2)
+REFUSED_ACCOUNT = (0x86, 0x87, 0x8C)
+# MQTT 5 DISCONNECT reason "Session taken over": another client connected with our client id
+SESSION_TAKEN_OVER = 0x8E
+# Mosquitto 2.0 does not send that DISCONNECT when it hands a client id to a newcomer: it just
+# closes the old connection. Two clients with one id then take it from each other at every
+# reconnect (paho waits 1 s), so each connection ends within a second or two of its CONNACK.
+# This many in a row, each shorter than the window, is read as a takeover; a broker restart or
+# a flaky link rarely gives three connections in a row that each die within seconds.
+TAKEOVER_WINDOW_S = 5.0
+TAKEOVER_DROPS = 3
+# without an on_failure to stop at, a link whose id is taken retries this slowly instead of
+# every second (the other client keeps the connection most of the time)
+TAKEOVER_RETRY_S = 60
+
+FailureCallback = Callable[["BrokerUnavailable"], None]
+
 
 class MqttLink:
     """A connection that stays up. Use as a context manager, or ``start()`` / ``stop()``."""
@@ -86,7 +120,13 @@ class MqttLink:
         clean_start: bool = False,
         max_inflight: int = 100,
         manual_ack: bool = False,
+        on_failure: FailureCallback | None = None,
     ) -> None:
+        """``on_failure(error)``: the link gave up for good (the broker refused our account at
+        the first connection, or another client keeps taking our client id) and ``error``
+        says why and what to do; it is called from a thread of its own, once. Without it, a
+        taken id makes the link retry every ``TAKEOVER_RETRY_S`` instead (a refused account
+        ends the attempts either way)."""
         # An account is one connection: broker/ makes Mosquitto take the username as the client
         # id (so no account can take over another's connection and session); asking for the
         # same here keeps logs and brokers without that setting in step. ``client_id`` names
@@ -108,8 +148,22 @@ class MqttLink:
         self._timed: dict[int, tuple[float, int, AckedCallback]] = {}
         self._timed_early: dict[int, float] = {}
         self._timing = 0
+        # set once connected, or once refused for good (bad credentials): waiting longer for
+        # a connection that cannot come only delays the error
         self._first_result: threading.Event = threading.Event()
         self._refused: str | None = None
+        # what ended the link for good (see on_failure); `failed` is set with it
+        self.failure: BrokerUnavailable | None = None
+        self.failed = threading.Event()
+        self._on_failure = on_failure
+        # the broker out of reach: since when, attempts since, when we last said so
+        self._down_since: float | None = None
+        self._attempts = 0
+        self._warned_at: float | None = None
+        # takeover detection: when the current connection came up, short connections in a row
+        self._connected_at = 0.0
+        self._quick_drops = 0
+        self._takeover_said = False
         self.bytes_out: Counter[str] = Counter()
         self.bytes_in: Counter[str] = Counter()
         self.handler_errors = 0
@@ -138,6 +192,7 @@ class MqttLink:
         c.on_connect = self._handle_connect
         c.on_subscribe = self._handle_subscribe
         c.on_disconnect = self._handle_disconnect
+        c.on_connect_fail = self._handle_connect_fail
         c.on_publish = self._handle_acked
         self._client = c
 
@@ -146,6 +201,7 @@ class MqttLink:
     def start(self, wait: bool = True) -> MqttLink:
         """Connect in the background; with ``wait``, return once connected and subscribed (the
         broker acknowledged every subscription made before), or raise why not."""
+        self._first_result.clear()  # a link started again waits for its new connection
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.broker.session_expiry_s
         self._client.connect_async(
@@ -186,9 +242,13 @@ class MqttLink:
                 self._subs_early.add(mid)
 
     def wait_connected(self, timeout: float) -> None:
-        if self.connected.wait(timeout):
+        self._first_result.wait(timeout)
+        if self.connected.is_set():
             return
         where = f"{self.broker.host}:{self.broker.port}"
+        if self.failure is not None:
+            self.stop()
+            raise self.failure
         if self._refused:
             self.stop()
             raise BrokerUnavailable(
@@ -212,8 +272,14 @@ class MqttLink:
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            self._stop_loop()
             self.connected.clear()
+
+    def _stop_loop(self) -> None:
+        # paho's loop_stop() checks its thread, then joins it: a thread that ends in between
+        # (after a disconnect, or stopped by another caller) leaves None to join
+        with contextlib.suppress(AttributeError):
+            self._client.loop_stop()
 
     def abort(self) -> None:
         """Drop the TCP connection without an MQTT DISCONNECT, as a crash or a power cut would.
@@ -330,7 +396,9 @@ class MqttLink:
                     self._timed_early[mid] = now
                 return
         sent_at, generation, on_acked = entry
-        if generation == self.connects and not reason_code.is_failure:
+        if reason_code.is_failure:
+            log.warning("%s: the broker refused a message: %s", self.client_id, reason_code)
+        elif generation == self.connects:
             self._call_acked(on_acked, now - sent_at)
 
     def _call_acked(self, on_acked: AckedCallback, seconds: float) -> None:
@@ -366,18 +434,35 @@ class MqttLink:
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
+    @property
+    def where(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
+
     def _handle_connect(self, client, _userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
-            log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
             # bad credentials / not authorised / bad auth: at start-up, retrying with the same
-            # credentials cannot succeed, so stop hammering the broker. Refused after we were
-            # in, it is a quarantine (edgefl/dynsec.py) or a changed account: keep trying, with
-            # paho's backoff (up to 30 s), so that a device an operator re-admits comes back
-            if reason_code.value in (0x86, 0x87, 0x8C) and self.connects == 0:
-                threading.Thread(target=client.disconnect, daemon=True).start()
+            # credentials cannot succeed, so stop and say so (a device agent exits, and systemd
+            # shows the unit failed). Refused after we were in, it is a quarantine
+            # (edgefl/dynsec.py) or a changed account: keep trying, with paho's backoff (up to
+            # 30 s), so that a device an operator re-admits comes back
+            if reason_code.value in REFUSED_ACCOUNT and self.connects == 0:
+                who = self.broker.username or self.client_id
+                self._give_up(
+                    BrokerRefused(
+                        f"the broker at {self.where} refused account {who!r} ({reason_code})",
+                        "check username and password in the [broker] section of the config "
+                        "(`edgefl enroll ID` on the broker's machine gives a device a new "
+                        "password and config file; `edgefl readmit ID` lifts a quarantine)",
+                    )
+                )
+            else:
+                log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
         self.connects += 1
+        self._connected_at = time.monotonic()
+        down_for = None if self._down_since is None else self._connected_at - self._down_since
+        self._down_since, self._attempts, self._warned_at = None, 0, None
         # whether the broker kept our session (subscriptions, unacknowledged messages)
         self.session_present = bool(flags.session_present)
         # the broker's packet limit (MQTT 5 CONNACK); paho does not enforce it for us
@@ -392,21 +477,124 @@ class MqttLink:
                 self._subs_pending.add(SENDING)
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
             self.connected.set()
+            self._first_result.set()
         if subs:
             self._sent_subscribe(client.subscribe([(f, q) for f, q in subs]))
             with self._subs_settled:
                 self._subs_pending.discard(SENDING)
                 self._subs_settled.notify_all()
-        if self.connects > 1:
-            log.info("%s: reconnected (session present: %s)", self.client_id, flags.session_present)
+        if self.connects == 1:
+            log.info("%s: connected to the broker at %s as %r", self.client_id, self.where,
+                     self.client_id)
+        elif self._quick_drops == 0:  # while a takeover is suspected, one line says it all
+            log.info(
+                "%s: reconnected to the broker at %s%s (session present: %s)",
+                self.client_id,
+                self.where,
+                f" after {down_for:.0f} s" if down_for else "",
+                flags.session_present,
+            )
         if self._on_connect_cb is not None:
             try:
                 self._on_connect_cb(self.connects > 1)
             except Exception:
                 log.exception("%s: on_connect callback failed", self.client_id)
 
-    def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+    def _handle_disconnect(self, client, _userdata, flags, reason_code, _properties) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was and reason_code.value != 0:
+        if not was or reason_code.value == 0 or self.failed.is_set():
+            return  # a refused CONNECT, a second call for one loss, or our own disconnect()
+        now = time.monotonic()
+        self._down_since = now
+        lasted = now - self._connected_at
+        # a broker that says why it closed us (a DISCONNECT packet) is not the silent close of
+        # a takeover; only "Session taken over" itself counts then
+        if lasted < TAKEOVER_WINDOW_S and not flags.is_disconnect_packet_from_server:
+            self._quick_drops += 1
+        else:
+            self._quick_drops, self._takeover_said = 0, False
+            client.reconnect_delay_set(min_delay=1, max_delay=30)  # back to normal, if slowed
+        if reason_code.value == SESSION_TAKEN_OVER or self._quick_drops >= TAKEOVER_DROPS:
+            self._taken_over(client, reason_code, lasted)
+        elif self._quick_drops <= 1:
             log.warning("%s: lost the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _taken_over(self, client: paho.Client, reason_code: object, lasted: float) -> None:
+        how = (
+            "took over our session"
+            if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER
+            else f"ended our connection {self._quick_drops} times in a row within "
+            f"{TAKEOVER_WINDOW_S:.0f} s of connecting (the last after {lasted:.1f} s)"
+        )
+        error = ClientIdTaken(
+            f"the broker at {self.where} {how}: another client, most likely another agent, "
+            f"uses client id {self.client_id!r}",
+            "run one program per account: stop the other one, or give it its own id and "
+            "account (`edgefl enroll ID`)",
+        )
+        if self._on_failure is not None:
+            # Stop: two agents with one id would each take the other's connection and
+            # session (and its queued messages) every second, and send updates from two data
+            # sets under one name. The newer connection keeps the id, as MQTT gives it to the
+            # newest client; the one that stops exits with a configuration error.
+            self._give_up(error)
+        else:
+            # no one to stop for us (the aggregator): retry slowly rather than every second,
+            # saying so once
+            if not self._takeover_said:
+                self._takeover_said = True
+                log.error("%s: %s; retrying every %d s", self.client_id, error.line(),
+                          TAKEOVER_RETRY_S)
+            client.reconnect_delay_set(min_delay=TAKEOVER_RETRY_S, max_delay=TAKEOVER_RETRY_S)
+
+    def _give_up(self, error: BrokerUnavailable) -> None:
+        """End the link for good, from the network thread: no more reconnects; tell the owner."""
+        if self.failed.is_set():
+            return
+        self.failure = error
+        self.failed.set()
+        self._first_result.set()  # start(wait=True) raises it at once
+        # an owner that takes the error reports it (the command line prints it once)
+        (log.debug if self._on_failure is not None else log.error)(
+            "%s: %s", self.client_id, error.line()
+        )
+
+        def stop_and_tell() -> None:
+            # from another thread: paho resets its state after the callback that called us,
+            # so a disconnect() made in it would not stop the reconnects; loop_stop() does
+            self._stop_loop()
+            if self._on_failure is not None:
+                try:
+                    self._on_failure(error)
+                except Exception:
+                    log.exception("%s: on_failure callback failed", self.client_id)
+
+        threading.Thread(target=stop_and_tell, name=f"stop-{self.client_id}", daemon=True).start()
+
+    def _handle_connect_fail(self, _client, _userdata) -> None:
+        """No connection (nothing listens, no route, no name): paho retries with backoff; say
+        so every UNREACHABLE_WARN_S, not at every retry."""
+        # paho calls this from inside its `except OSError`, so the error is at hand
+        error = sys.exc_info()[1]
+        why = "no answer"
+        if error is not None:
+            why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        self._attempts += 1
+        if self._warned_at is not None and now - self._warned_at < UNREACHABLE_WARN_S:
+            return
+        self._warned_at = now
+        down_s = now - self._down_since
+        log.warning(
+            "%s: the broker at %s is unreachable (%s)%s; still trying to connect as %r "
+            "(attempt %d, then every 30 s at most); is it running, and are host and port right?",
+            self.client_id,
+            self.where,
+            why,
+            f" for {down_s:.0f} s" if down_s >= 1 else "",
+            self.client_id,
+            self._attempts,
+        )

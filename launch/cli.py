@@ -1,9 +1,9 @@
-"""The ``edgefl`` command: the same programs a deployment runs, and the local demo.
+"""The ``edgefl`` command: the same programs a deployment runs, the operators' tools, and the
+local demo; one subcommand each (``edgefl --help`` lists them from the parser below).
 
-edgefl broker       run Mosquitto with edgefl's configuration (a deployment's broker)
-edgefl aggregator   run the aggregator service
-edgefl device       run a device agent (several configs: several agents in one process)
-edgefl demo         start all of the above locally and run B1 end to end
+Errors a user can fix (edgefl/errors.py: a configuration that cannot work, a broker that refused
+us, no model installed ...) are raised by the roles and turned into one line on standard error,
+and the exit code, in one place: :func:`main`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import logging
 import signal
 import sys
 import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from edgefl.config import (
@@ -26,8 +28,22 @@ from edgefl.config import (
     check_name,
     load,
 )
+from edgefl.errors import UsageError, UserError
 
 log = logging.getLogger("edgefl")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_SIGNAL = 130
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    try:
+        return package_version("edgefl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from edgefl import __version__
+
+        return __version__
 
 
 def _setup_logging(level: str, logfile: str | None = None) -> None:
@@ -36,7 +52,7 @@ def _setup_logging(level: str, logfile: str | None = None) -> None:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(logfile)]
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         handlers=handlers,
     )
@@ -58,11 +74,11 @@ def _until_signal() -> threading.Event:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
+    cfg = load(AggregatorConfig, args.config)  # first: a bad config fails before torch loads
     import torch
 
     from aggregator.main import run_service
 
-    cfg = load(AggregatorConfig, args.config)
     torch.set_num_threads(args.threads)
     return run_service(
         cfg,
@@ -77,27 +93,26 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
+    configs = [load(DeviceConfig, path) for path in args.config]
     from concurrent.futures import ThreadPoolExecutor
 
     from device.agent import DeviceAgent, set_torch_threads
 
-    configs = [load(DeviceConfig, path) for path in args.config]
     set_torch_threads(configs[0].torch_threads)
     stop = _until_signal()
     # one executor for all agents of this process: each agent trains when its task comes, and
     # they may all be asked at once
     executor = ThreadPoolExecutor(min(len(configs), 64), thread_name_prefix="train")
-    try:
-        agents = [DeviceAgent(c, executor=executor) for c in configs]
-    except (FileNotFoundError, ValueError) as e:
-        # bad or missing local data: a restart would not fix it (systemd does not retry exit 2)
-        print(f"edgefl device: {e}", file=sys.stderr)
-        return 2
+    # bad or missing local data raises a configuration error (exit 2: systemd does not retry)
+    agents = [DeviceAgent(c, executor=executor) for c in configs]
     for agent in agents:
         agent.start(wait=False)
     log.info("%d device agent(s) started", len(agents))
-    while not stop.wait(0.5):
-        pass
+    # an agent whose account is refused or whose id another agent took has stopped for good:
+    # the process ends with its error, so that systemd shows the unit failed and why
+    failure = None
+    while failure is None and not stop.wait(0.2):
+        failure = next((a.failure for a in agents if a.failure is not None), None)
     for agent in agents:
         agent.stop()
     executor.shutdown(wait=False, cancel_futures=True)
@@ -118,6 +133,8 @@ def cmd_device(args: argparse.Namespace) -> int:
                          "uplink_bytes": a.link.bytes_out["update"]} for a in agents},
         }
         Path(args.stats_out).write_text(json.dumps(stats, indent=1))
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -219,12 +236,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from device.inference import InferenceServer
 
+    path = Path(args.input)
+    for given, what in ((path, "input file"), (args.model and Path(args.model), "model file")):
+        if given and not given.is_file():
+            raise UsageError(f"{what} {given} does not exist (or is not a file)")
     if args.model:
         server = InferenceServer()
         server.load(args.model)
     else:
         server = InferenceServer.from_dir(args.model_dir)
-    path = Path(args.input)
     labels = None
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
@@ -314,7 +334,6 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edgefl.data import DataMissingError
     from launch.local import run_demo
 
     overrides: dict[str, dict[str, object]] = {}
@@ -323,21 +342,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.devices is not None:
         overrides.setdefault("demo", {})["devices"] = args.devices
     cfg = load(RunConfig, args.config, overrides)
-    try:
-        result = run_demo(cfg, run_dir=args.run_dir, progress=True)
-    except DataMissingError as e:  # says what installs it
-        print(f"edgefl demo: {e}", file=sys.stderr)
-        return 2
+    # a data set that is not installed raises DataMissingError, which says what installs it
+    result = run_demo(cfg, run_dir=args.run_dir, progress=True)
     return 0 if result.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options; each subcommand's ``help`` is its line in ``--help``."""
     p = argparse.ArgumentParser(
-        prog="edgefl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="edgefl",
+        description="Federated learning for fleets of small edge devices over MQTT.",
+        epilog="`edgefl COMMAND --help` shows a command's options. Exit codes: 0 done; 1 failed "
+        "at run time (the broker unreachable, a round that failed: systemd restarts the "
+        "service); 2 a usage or configuration error (systemd does not restart it); 130 "
+        "stopped by a signal.",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--version", action="version", version=f"edgefl {_version()}")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="how much to log (default INFO; DEBUG shows every message)",
+    )
     p.add_argument("--log-file", help="write logs here instead of standard error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     a = sub.add_parser("aggregator", help="run the aggregator service")
     a.add_argument("--config", required=True, help="aggregator TOML (see configs/)")
@@ -359,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("broker", help="run Mosquitto with edgefl's configuration")
     b.add_argument("--dir", default="broker-data", help="where config, passwords and data live")
-    b.add_argument("--fleet", default="demo")
+    b.add_argument("--fleet", default="demo", help="the fleet's name, as in the configs' fleet")
     b.add_argument("--port", type=int, default=1883, help="the plain listener's port")
     b.add_argument("--bind", default="0.0.0.0", help="the listeners' address")
     b.add_argument(
@@ -370,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--no-plain", action="store_true", help="no plain listener at all (needs the TLS files)"
     )
-    b.add_argument("--tls-ca")
-    b.add_argument("--tls-cert")
-    b.add_argument("--tls-key")
-    b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument("--tls-ca", help="CA certificate (edgefl certs): turns the TLS listener on")
+    b.add_argument("--tls-cert", help="the broker's certificate")
+    b.add_argument("--tls-key", help="the broker's private key")
+    b.add_argument("--tls-port", type=int, default=8883, help="the TLS listener's port")
     b.add_argument(
         "--model",
         default="mlp_digits",
@@ -401,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_broker)
 
     e = sub.add_parser("enroll", help="create device accounts and their config files")
-    e.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    e.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="the ids to enrol")
     e.add_argument(
         "--dir", default="broker-data", help="the broker's directory (edgefl broker --dir)"
     )
-    e.add_argument("--fleet", default="demo")
+    e.add_argument("--fleet", default="demo", help="the fleet's name (edgefl broker --fleet)")
     e.add_argument("--host", required=True, help="the broker's address as the devices see it")
     e.add_argument(
         "--port", type=int, help="the broker's port (default 1883, or 8883 with --tls-ca)"
@@ -423,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_enroll)
 
     c = sub.add_parser("certs", help="make a CA and a TLS certificate for the broker")
-    c.add_argument("--dir", default="broker-tls")
+    c.add_argument("--dir", default="broker-tls", help="where to write the CA and certificate")
     c.add_argument(
         "--host",
         action="append",
@@ -448,35 +476,42 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="serve the previous model again, fleet-wide")
     rb.add_argument("--config", required=True, help="the aggregator's TOML")
     rb.add_argument("--to", type=int, help="this model version instead of the previous one")
-    rb.add_argument("--variant", choices=["fp32", "int8"])
+    rb.add_argument("--variant", choices=["fp32", "int8"], help="which of its files to serve")
     _admin_secret_argument(rb)
     rb.set_defaults(func=cmd_rollback)
 
     ra = sub.add_parser(
         "readmit", help="lift a device's quarantine at the broker (none given: list them)"
     )
-    ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
+    ra.add_argument("device_ids", nargs="*", metavar="DEVICE_ID", help="the ids to re-admit")
     ra.add_argument("--config", required=True, help="the aggregator's TOML (broker address)")
     _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
-    m.add_argument("--config", default="configs/b1.toml")
-    m.add_argument("--rounds", type=int)
-    m.add_argument("--devices", type=int)
+    m.add_argument("--config", default="configs/b1.toml", help="the run's TOML (see configs/)")
+    m.add_argument("--rounds", type=int, help="override the number of rounds")
+    m.add_argument("--devices", type=int, help="override the number of simulated devices")
     m.add_argument("--run-dir", help="where to put the run's files (default runs/<time>)")
     m.set_defaults(func=cmd_demo)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command != "demo" or args.log_file:
-        _setup_logging(args.log_level, args.log_file)
+        _setup_logging(args.log_level or "INFO", args.log_file)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"edgefl: configuration error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        # the one place user-facing errors are reported: one line, no traceback (a bug, any
+        # other exception, keeps its traceback)
+        print(f"edgefl {args.command}: {e.line()}", file=sys.stderr)
+        if args.log_file:  # and where the rest of the story is
+            log.error("%s", e.line())
+        return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGNAL
 
 
 if __name__ == "__main__":
