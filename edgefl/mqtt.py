@@ -96,8 +96,8 @@ SESSION_TAKEN_OVER = 0x8E
 # Mosquitto 2.0 does not send that DISCONNECT when it hands a client id to a newcomer: it just
 # closes the old connection. Two clients with one id then take it from each other at every
 # reconnect (paho waits 1 s), so each connection ends within a second or two of its CONNACK.
-# This many in a row, each shorter than the window, is read as a takeover; a broker restart or
-# a flaky link rarely gives three connections in a row that each die within seconds.
+# This many in a row, each shorter than the window, is read as a suspected takeover: the link
+# then retries slowly (TAKEOVER_RETRY_S) and says why; only the explicit reason stops it.
 TAKEOVER_WINDOW_S = 5.0
 TAKEOVER_DROPS = 3
 # without an on_failure to stop at, a link whose id is taken retries this slowly instead of
@@ -427,7 +427,9 @@ class MqttLink:
             self.handler_errors += 1
             log.exception(
                 "%s: handler for %s failed on a %d-byte message; message dropped",
-                self.client_id, msg.topic[:200], len(msg.payload),
+                self.client_id,
+                msg.topic[:200],
+                len(msg.payload),
             )
         if self.manual_ack:
             ack()
@@ -484,8 +486,12 @@ class MqttLink:
                 self._subs_pending.discard(SENDING)
                 self._subs_settled.notify_all()
         if self.connects == 1:
-            log.info("%s: connected to the broker at %s as %r", self.client_id, self.where,
-                     self.client_id)
+            log.info(
+                "%s: connected to the broker at %s as %r",
+                self.client_id,
+                self.where,
+                self.client_id,
+            )
         elif self._quick_drops == 0:  # while a takeover is suspected, one line says it all
             log.info(
                 "%s: reconnected to the broker at %s%s (session present: %s)",
@@ -533,19 +539,23 @@ class MqttLink:
             "run one program per account: stop the other one, or give it its own id and "
             "account (`edgefl enroll ID`)",
         )
-        if self._on_failure is not None:
-            # Stop: two agents with one id would each take the other's connection and
-            # session (and its queued messages) every second, and send updates from two data
-            # sets under one name. The newer connection keeps the id, as MQTT gives it to the
-            # newest client; the one that stops exits with a configuration error.
+        explicit = getattr(reason_code, "value", None) == SESSION_TAKEN_OVER
+        if explicit and self._on_failure is not None:
+            # The broker said so: stop. Two agents with one id would each take the other's
+            # connection and session (and its queued messages), and send updates from two
+            # data sets under one name. The newer connection keeps the id, as MQTT gives it to
+            # the newest client; the one that stops exits with a configuration error.
             self._give_up(error)
         else:
+            # Only suspected (Mosquitto 2.0 closes a taken-over connection without a word), or
             # no one to stop for us (the aggregator): retry slowly rather than every second,
-            # saying so once
+            # saying so once. A broker that crash-loops also ends connections seconds after
+            # they open; stopping for good there would take a whole unattended fleet down.
             if not self._takeover_said:
                 self._takeover_said = True
-                log.error("%s: %s; retrying every %d s", self.client_id, error.line(),
-                          TAKEOVER_RETRY_S)
+                log.error(
+                    "%s: %s; retrying every %d s", self.client_id, error.line(), TAKEOVER_RETRY_S
+                )
             client.reconnect_delay_set(min_delay=TAKEOVER_RETRY_S, max_delay=TAKEOVER_RETRY_S)
 
     def _give_up(self, error: BrokerUnavailable) -> None:

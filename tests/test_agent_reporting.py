@@ -120,9 +120,11 @@ def test_a_refused_password_ends_edgefl_device_with_one_line_and_exit_2(
 
 
 @pytest.mark.slow
-def test_two_agents_with_one_device_id_the_older_stops_and_says_why(
+def test_two_agents_with_one_device_id_are_named_and_stop_flapping(
     broker, tmp_path, digits
 ) -> None:
+    """Mosquitto 2.0 closes a taken-over connection without saying why: the agent that loses
+    its id says so once and retries every TAKEOVER_RETRY_S (60 s), so the other keeps it."""
     cfg = broker.broker_config(broker.device_account("dev-0"))
     config = _device_toml(tmp_path, digits[0], cfg)
     log = tmp_path / "first.log"
@@ -139,14 +141,19 @@ def test_two_agents_with_one_device_id_the_older_stops_and_says_why(
             fleet=FLEET, device_id="dev-0", broker=cfg, state_dir=str(tmp_path / "second")
         )
         second = DeviceAgent(dcfg, digits[0]).start()
-        _, stderr = first.communicate(timeout=30)
-        assert first.returncode == 2, stderr
-        [line] = stderr.strip().splitlines()
+        wait_until(
+            lambda: "retrying every 60 s" in log.read_text(),
+            timeout=30,
+            what="the first agent's line on the taken id",
+        )
+        text = log.read_text()
+        [line] = [x for x in text.splitlines() if "retrying every 60 s" in x]
         assert "another agent" in line and "client id 'dev-0'" in line, line
         assert "stop the other one" in line  # the fix
-        # no flapping while it lasted: one "lost the broker" line, not one a second
-        assert log.read_text().count("lost the broker") <= 1
-        # and none after: the one left keeps its connection
+        # no flapping: at most one "lost the broker" line, not one a second
+        assert text.count("lost the broker") <= 1
+        assert first.poll() is None  # suspected, not certain: it waits, it does not quit
+        # the other keeps its connection while the first one waits
         assert second.failure is None
         connects = second.link.connects
         time.sleep(3)
