@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="edgefl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level", help="INFO by default; `edgefl status` logs only what is CRITICAL (its "
+        "screen says the rest)"
+    )
     p.add_argument("--log-file", help="write logs here instead of standard error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -552,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if args.command != "demo" or args.log_file:
-        _setup_logging(args.log_level, args.log_file)
+        quiet = args.command == "status"  # its screen (or one-line error) says it all
+        _setup_logging(args.log_level or ("CRITICAL" if quiet else "INFO"), args.log_file)
     try:
         return args.func(args)
     except ConfigError as e:
