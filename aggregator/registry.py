@@ -279,6 +279,21 @@ class DeviceRegistry:
             if rec is not None:  # a device never heard of is not made known by its garbage
                 rec.updates_rejected += 1
 
+    def figures(self, limit: int) -> tuple[dict[str, dict[str, int]], int]:
+        """Per device (the first ``limit`` by id): rounds contributed to, rounds assigned,
+        updates rejected; and how many devices were left out by the limit."""
+        with self._lock:
+            recs = sorted(self._devices.values(), key=lambda r: r.device_id)
+            shown = {
+                r.device_id: {
+                    "rounds": r.rounds_completed,
+                    "assigned": r.rounds_assigned,
+                    "rejected": r.updates_rejected,
+                }
+                for r in recs[:limit]
+            }
+        return shown, max(0, len(recs) - limit)
+
     def on_missed(self, device_ids: list[str]) -> None:
         with self._lock:
             for d in device_ids:

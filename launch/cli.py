@@ -330,6 +330,65 @@ def cmd_readmit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- edgefl status ----------------------------------------------------------------------------
+
+
+def _monitor_broker(args: argparse.Namespace) -> tuple[str, BrokerConfig, list[str]]:
+    """The fleet, how to reach its broker as the read-only monitor account, and the enrolled
+    ids, from the aggregator's config (if given) and the command line."""
+    from aggregator.enrolled import read_ids
+
+    cfg = load(AggregatorConfig, args.config) if args.config else None
+    broker = cfg.broker if cfg else BrokerConfig()
+    fleet = args.fleet or (cfg.fleet if cfg else None)
+    if not fleet:
+        raise ConfigError("name the fleet: --fleet NAME, or --config with the aggregator's TOML")
+    check_name("fleet", fleet)
+    try:
+        password = Path(args.monitor_secret).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the monitor password from {args.monitor_secret}: {e.strerror} "
+            "(monitor.secret in the broker's directory; --monitor-secret FILE)"
+        ) from None
+    changes: dict[str, object] = {"username": "monitor", "password": password}
+    for key in ("host", "port", "tls_ca"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    changes["connect_timeout_s"] = args.timeout
+    enrolled: list[str] = []
+    if cfg and cfg.enrolled_devices:
+        try:
+            enrolled = sorted(read_ids(cfg.enrolled_devices))
+        except OSError as e:  # on another machine than the aggregator, say: not fatal
+            print(f"edgefl status: enrolled_devices {cfg.enrolled_devices}: {e.strerror}; "
+                  "showing the devices the broker knows", file=sys.stderr)
+    return fleet, dataclasses.replace(broker, **changes), enrolled
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The fleet on one screen, from the broker's retained state (monitor/status.py)."""
+    from monitor import status
+
+    # a broker that cannot be reached or refuses the account is a UserError: main() says it
+    fleet, broker, enrolled = _monitor_broker(args)
+    if args.watch is None:
+        snap = status.gather(fleet, broker, enrolled=enrolled, wait_s=args.wait)
+        status.show(snap, sys.stdout, args.json)
+    else:
+        status.watch(
+            fleet,
+            broker,
+            sys.stdout,
+            every_s=args.watch,
+            enrolled=enrolled,
+            wait_s=args.wait,
+            as_json=args.json,
+            clear=sys.stdout.isatty() and not args.json,
+        )
+    return 0
+
+
 # -- edgefl demo ------------------------------------------------------------------------------
 
 
@@ -488,6 +547,34 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
 
+    st = sub.add_parser(
+        "status", help="the fleet on one screen: devices, round, accuracy (read-only)"
+    )
+    st.add_argument(
+        "--config", help="the aggregator's TOML: fleet, broker address and TLS, enrolled list"
+    )
+    st.add_argument("--fleet", help="the fleet (default: the config's)")
+    st.add_argument("--host", help="the broker's address (default: the config's, or 127.0.0.1)")
+    st.add_argument("--port", type=int, help="the broker's port (default: the config's, or 1883)")
+    st.add_argument("--tls-ca", help="CA certificate of the broker's TLS listener")
+    st.add_argument(
+        "--monitor-secret",
+        default="broker-data/monitor.secret",
+        help="the read-only monitor account's password file (monitor.secret in the broker's "
+        "directory; default %(default)s)",
+    )
+    st.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    st.add_argument(
+        "--watch", type=float, metavar="N", help="redraw every N seconds until Ctrl-C"
+    )
+    st.add_argument(
+        "--wait", type=float, default=1.0, help="seconds to wait for the retained state"
+    )
+    st.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the broker"
+    )
+    st.set_defaults(func=cmd_status)
+
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml", help="the run's TOML (see configs/)")
     m.add_argument("--rounds", type=int, help="override the number of rounds")
@@ -500,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "demo" or args.log_file:
-        _setup_logging(args.log_level or "INFO", args.log_file)
+        quiet = args.command == "status"  # its screen (or one-line error) says it all
+        _setup_logging(args.log_level or ("CRITICAL" if quiet else "INFO"), args.log_file)
     try:
         return args.func(args)
     except UserError as e:
