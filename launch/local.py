@@ -41,7 +41,7 @@ from edgefl.config import (
     to_dict,
     to_toml,
 )
-from edgefl.data import Dataset, load_split, partition, save_npz
+from edgefl.data import Dataset, PartitionError, load_split, partition, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,22 @@ def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[
                 f"held out for testing), so set demo.devices = {len(subjects)}, "
                 f"not {len(device_ids)}"
             )
-    parts = partition(
-        train.y,
-        len(device_ids),
-        d.partition,
-        d.alpha,
-        d.seed,
-        d.min_samples,
-        subjects=train.subjects,
-        shards_per_device=d.shards_per_device,
-    )
+    try:
+        parts = partition(
+            train.y,
+            len(device_ids),
+            d.partition,
+            d.alpha,
+            d.seed,
+            d.min_samples,
+            subjects=train.subjects,
+            shards_per_device=d.shards_per_device,
+        )
+    except PartitionError as e:  # the fix is a setting: name the run's own keys
+        raise ConfigError(
+            f"{e} (here: data.alpha = {d.alpha:g}, data.min_samples = {d.min_samples}, "
+            f"demo.devices = {len(device_ids)}, data.partition = {d.partition!r})"
+        ) from None
     sizes = {}
     devices: dict[str, Any] = {}
     classes = int(max(train.y.max(), test.y.max())) + 1

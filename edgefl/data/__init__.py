@@ -18,6 +18,7 @@ from edgefl.data.digits import load_digits_split
 from edgefl.data.fashion_mnist import load_fashion_mnist, load_fashion_mnist_split
 from edgefl.data.partition import (
     PARTITIONS,
+    PartitionError,
     dirichlet_partition,
     iid_partition,
     natural_partition,
@@ -31,6 +32,7 @@ __all__ = [
     "PARTITIONS",
     "DataMissingError",
     "Dataset",
+    "PartitionError",
     "dirichlet_partition",
     "iid_partition",
     "load_digits_split",
