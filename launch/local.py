@@ -29,8 +29,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgefl.atomic import write_atomic
 from edgefl.config import (
     AggregatorConfig,
@@ -42,6 +40,7 @@ from edgefl.config import (
     to_toml,
 )
 from edgefl.data import Dataset, PartitionError, load_split, partition, save_npz
+from edgefl.data.split import device_table
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +91,12 @@ def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[
             f"{e} (here: data.alpha = {d.alpha:g}, data.min_samples = {d.min_samples}, "
             f"demo.devices = {len(device_ids)}, data.partition = {d.partition!r})"
         ) from None
-    sizes = {}
-    devices: dict[str, Any] = {}
+    by_id = dict(zip(device_ids, parts, strict=True))
     classes = int(max(train.y.max(), test.y.max())) + 1
-    for device_id, idx in zip(device_ids, parts, strict=True):
+    for device_id, idx in by_id.items():
         save_npz(data_dir / f"{device_id}.npz", Dataset(train.X[idx], train.y[idx]))
-        sizes[device_id] = len(idx)
-        devices[device_id] = {
-            "samples": len(idx),
-            "per_class": np.bincount(train.y[idx], minlength=classes).tolist(),
-        }
-        if train.subjects is not None:
-            devices[device_id]["subjects"] = sorted(set(train.subjects[idx].tolist()))
+    devices = device_table(by_id, train.y, classes, train.subjects)
+    sizes = {device_id: len(idx) for device_id, idx in by_id.items()}
     save_npz(data_dir / "test.npz", test)
     manifest = {
         "dataset": d.dataset,

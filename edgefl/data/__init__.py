@@ -1,5 +1,6 @@
 """Data: the data sets of local runs and benchmarks, the partitioners that spread one over a
-simulated fleet, and the checked loader a device uses for the data it holds.
+simulated fleet, the checked loader a device uses for the data it holds, and the splitting of a
+data set (bundled or a user's file) into devices' files (edgefl/data/split.py, `edgefl split`).
 
 Every data set gives X as float32 (samples, features), flat, and y as int64 class labels:
 

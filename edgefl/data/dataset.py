@@ -50,6 +50,8 @@ def load_npz(path: str | Path, features: int | None = None, classes: int | None 
         loaded = np.load(path, allow_pickle=False)
     except (EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    except ValueError:  # neither .npz nor .npy: numpy takes it for a pickle, and refuses it
+        raise ValueError(f"{path}: not an .npz archive holding arrays X and y") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
         raise ValueError(f"{path}: not an .npz archive holding arrays X and y")
     with loaded as z:
