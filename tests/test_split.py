@@ -138,6 +138,9 @@ def test_natural_gives_one_device_per_subject(tmp_path):
     assert manifest["devices"]["a"]["subjects"] == [3]  # subjects in the order of their ids
     with pytest.raises(ValueError, match="3 subjects .* so it needs 3 devices, not 2"):
         split_fleet(source, ["a", "b"], "natural")
+    without = load_source(str(write_user_npz(tmp_path / "plain.npz", data)))
+    with pytest.raises(SplitError, match="plain.npz records none: .* --subject-column"):
+        split_fleet(without, ["a", "b"], "natural")
 
 
 def test_csv_with_text_labels_and_subjects(tmp_path):

@@ -285,6 +285,12 @@ def split_fleet(
     if alpha <= 0 or min_samples < 0 or shards_per_device < 1:
         raise SplitError("alpha must be > 0, the minimum per device >= 0, shards per device >= 1")
     train = source.train
+    if kind == "natural" and train.subjects is None:
+        raise SplitError(
+            f"the natural partition gives one device per subject, and {source.name} records "
+            "none: use the watch set, a .csv with --subject-column, an .npz with a `subjects` "
+            "array, or partition dirichlet, iid or shards"
+        )
     parts = partition(
         train.y,
         len(ids),
