@@ -166,6 +166,18 @@ def test_csv_with_text_labels_and_subjects(tmp_path):
     assert "no built-in model takes 2 features" in text
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_split_by_semicolons_or_tabs(tmp_path, sep):
+    path = tmp_path / "d.csv"
+    path.write_text(
+        f"a{sep}b{sep}label\n" + "".join(f"{i}{sep}{-i}{sep}{i % 2}\n" for i in range(20))
+    )
+    source = load_source(str(path))
+    assert source.train.X.shape[1] == 2
+    rows = np.concatenate([source.train.X, source.test.X])
+    np.testing.assert_array_equal(rows[:, 1], -rows[:, 0])
+
+
 def test_csv_integer_labels_are_class_ids(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,label\n" + "".join(f"{i},{i % 3 + 4}\n" for i in range(50)))

@@ -191,7 +191,9 @@ def _read_csv(
     distinct text is a class, numbered in sorted order."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            header_line = f.readline()
+            f.seek(0)
+            rows = list(csv.reader(f, delimiter=_delimiter(header_line)))
     except (OSError, UnicodeDecodeError) as e:
         raise SplitError(f"{path}: cannot read it as text ({e})") from None
     rows = [r for r in rows if any(cell.strip() for cell in r)]
@@ -228,6 +230,14 @@ def _read_csv(
     y, names = _class_ids(labels, path)
     subj = np.unique(np.array(subjects), return_inverse=True)[1] if subject_at is not None else None
     return Dataset(X, y, subj), names
+
+
+def _delimiter(header: str) -> str:
+    """Comma, unless the header row is split by semicolons (spreadsheets in locales with a
+    decimal comma write those) or tabs instead."""
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
 
 
 def _is_number(text: str) -> bool:
