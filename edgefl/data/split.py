@@ -32,9 +32,11 @@ import numpy as np
 
 from edgefl.atomic import write_atomic
 from edgefl.config import DATASETS, DataConfig, check_name
+from edgefl.data import load_split
 from edgefl.data.dataset import Dataset, load_npz, save_npz
 from edgefl.data.fashion_mnist import stratified_subset
 from edgefl.data.partition import partition
+from edgefl.models import MODELS  # the catalogue; it imports no torch
 
 DEVICE_FILE = "data.npz"
 TEST_FILE = "test.npz"
@@ -123,9 +125,7 @@ def load_source(
         )
     if path.is_dir():
         raise SplitError(f"{source} is a directory: give an .npz or .csv file")
-    fraction = DEFAULTS.test_fraction if test_fraction is None else test_fraction
-    if not 0 < fraction < 1:
-        raise SplitError(f"the test fraction must lie between 0 and 1, not {fraction:g}")
+    fraction = _fraction(test_fraction)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         if subject_column is not None:
@@ -140,6 +140,13 @@ def load_source(
     return Source(path.name, train, test, how, names)
 
 
+def _fraction(test_fraction: float | None) -> float:
+    fraction = DEFAULTS.test_fraction if test_fraction is None else test_fraction
+    if not 0 < fraction < 1:
+        raise SplitError(f"the test fraction must lie between 0 and 1, not {fraction:g}")
+    return fraction
+
+
 _own_test = {
     "fashion_mnist": "the official 10,000 test images",
     "watch": "wearers 9 and 10, whom no device holds",
@@ -147,16 +154,12 @@ _own_test = {
 
 
 def _bundled(name: str, test_fraction: float | None) -> Source:
-    from edgefl.data import load_split  # the package imports this module's neighbours
-
     if name != "digits" and test_fraction is not None:
         raise SplitError(
             f"{name} keeps its own test set ({_own_test[name]}); --test-fraction applies to "
             "digits and your own files"
         )
-    fraction = DEFAULTS.test_fraction if test_fraction is None else test_fraction
-    if not 0 < fraction < 1:
-        raise SplitError(f"the test fraction must lie between 0 and 1, not {fraction:g}")
+    fraction = _fraction(test_fraction)
     try:
         train, test = load_split(DataConfig(dataset=name, test_fraction=fraction))
     except ModuleNotFoundError as e:  # digits come with scikit-learn, an aggregator extra
@@ -362,8 +365,6 @@ def manifest(split: Split) -> dict[str, Any]:
 
 def fitting_models(features: int, classes: int) -> list[str]:
     """The built-in models that take this many features and at least this many classes."""
-    from edgefl.models import MODELS  # the catalogue needs no torch
-
     return [
         name
         for name, info in MODELS.items()
