@@ -383,15 +383,18 @@ def summary(split: Split, out: str | Path) -> list[str]:
     ]
     per_class = classes <= 12  # wider would not fit a line
     width = max(12, *(len(d) for d in split.parts))
+    # a column per class, as wide as a count can be (a class's whole training or test part)
+    most = max(np.bincount(src.train.y).max(), np.bincount(src.test.y).max())
+    cw = max(4, len(str(most)))
     lines.append(
         f"  {'device':<{width}} {'samples':>8} {'classes':>7}"
-        + ("   per class " + " ".join(f"{c:>4}" for c in range(classes)) if per_class else "")
+        + ("   per class " + " ".join(f"{c:>{cw}}" for c in range(classes)) if per_class else "")
     )
 
     def row(name: str, y: np.ndarray) -> str:
         counts = np.bincount(y, minlength=classes)
         line = f"  {name:<{width}} {len(y):>8,} {int((counts > 0).sum()):>7}"
-        return line + (" " * 13 + " ".join(f"{n:>4}" for n in counts) if per_class else "")
+        return line + (" " * 13 + " ".join(f"{n:>{cw}}" for n in counts) if per_class else "")
 
     rows = list(split.parts.items())
     lines += [row(device_id, src.train.y[idx]) for device_id, idx in rows[:SUMMARY_ROWS]]
