@@ -161,7 +161,13 @@ def test_csv_with_text_labels_and_subjects(tmp_path):
     write_split(split, tmp_path / "out")
     ann = load_npz(tmp_path / "out" / "ann-watch" / "data.npz")
     assert set((ann.X[:, 0].astype(int) % 2).tolist()) == {0}
+    manifest = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert [manifest["devices"][d]["subjects"] for d in ("ann-watch", "bob-watch")] == [
+        ["ann"],
+        ["bob"],
+    ]
     text = "\n".join(summary(split, tmp_path / "out"))
+    assert re.search(r"^  ann-watch .* subject ann$", text, re.M), text
     assert "0 = run, 1 = sit, 2 = walk" in text
     assert "no built-in model takes 2 features" in text
 

@@ -231,8 +231,8 @@ def _read_csv(
     if not np.isfinite(X).all():
         raise SplitError(f"{path}: features hold NaN or Inf")
     y, names = _class_ids(labels, path)
-    subj = np.unique(np.array(subjects), return_inverse=True)[1] if subject_at is not None else None
-    return Dataset(X, y, subj), names
+    # kept as text: the natural partition and split.json need only tell subjects apart
+    return Dataset(X, y, np.array(subjects) if subject_at is not None else None), names
 
 
 def _delimiter(header: str) -> str:
@@ -391,13 +391,20 @@ def summary(split: Split, out: str | Path) -> list[str]:
         + ("   per class " + " ".join(f"{c:>{cw}}" for c in range(classes)) if per_class else "")
     )
 
-    def row(name: str, y: np.ndarray) -> str:
+    def row(name: str, y: np.ndarray, whose: str = "") -> str:
         counts = np.bincount(y, minlength=classes)
         line = f"  {name:<{width}} {len(y):>8,} {int((counts > 0).sum()):>7}"
-        return line + (" " * 13 + " ".join(f"{n:>{cw}}" for n in counts) if per_class else "")
+        line += " " * 13 + " ".join(f"{n:>{cw}}" for n in counts) if per_class else ""
+        return line + whose
+
+    def subject(idx: np.ndarray) -> str:
+        # which subject each device stands for, when the split is by subject
+        if split.partition != "natural" or src.train.subjects is None:
+            return ""
+        return f"   subject {', '.join(str(v) for v in np.unique(src.train.subjects[idx]))}"
 
     rows = list(split.parts.items())
-    lines += [row(device_id, src.train.y[idx]) for device_id, idx in rows[:SUMMARY_ROWS]]
+    lines += [row(d, src.train.y[idx], subject(idx)) for d, idx in rows[:SUMMARY_ROWS]]
     if len(rows) > SUMMARY_ROWS:
         lines.append(f"  ... and {len(rows) - SUMMARY_ROWS} more devices (all in split.json)")
     lines.append(row(TEST_FILE, src.test.y))
