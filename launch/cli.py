@@ -20,9 +20,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from edgefl.config import (
+    PARTITIONS,
     AggregatorConfig,
     BrokerConfig,
     ConfigError,
+    DataConfig,
     DeviceConfig,
     RunConfig,
     check_name,
@@ -195,8 +197,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 password=account.password,
                 tls_ca=args.tls_ca,
             ),
-            data=args.data,
-            state_dir="/var/lib/edgefl/device",
+            # {id}: several devices on one machine each need their own data and state
+            data=args.data.replace("{id}", device_id),
+            state_dir=args.state_dir.replace("{id}", device_id),
         )
         path = out / f"{device_id}.toml"
         path.write_text(
@@ -389,6 +392,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- edgefl split -----------------------------------------------------------------------------
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Turn a data set into one data.npz per device and the aggregator's test.npz."""
+    from edgefl.data import PartitionError
+    from edgefl.data import split as sp
+
+    try:
+        source = sp.load_source(
+            args.source,
+            test_fraction=args.test_fraction,
+            label_column=args.label_column,
+            subject_column=args.subject_column,
+        )
+        ids = args.device_ids.split(",") if args.device_ids else sp.numbered_ids(args.devices)
+        split = sp.split_fleet(
+            source,
+            ids,
+            args.partition,
+            alpha=args.alpha,
+            seed=args.seed,
+            min_samples=args.min_samples,
+            shards_per_device=args.shards_per_device,
+        )
+        sp.write_split(split, args.out)
+    except (ValueError, OSError) as e:  # the source, the options or the output: one line
+        options = "--alpha, --min-samples, --devices, --partition"
+        hint = f" (options: {options})" if isinstance(e, PartitionError) else ""
+        print(f"edgefl split: {e}{hint}", file=sys.stderr)
+        return 2
+    print("\n".join(sp.summary(split, args.out)))
+    return 0
+
+
 # -- edgefl demo ------------------------------------------------------------------------------
 
 
@@ -499,7 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--tls-ca", help="CA certificate path on the device (turns TLS on; port 8883)")
     e.add_argument(
-        "--data", default="/var/lib/edgefl/data.npz", help="local data path on the device"
+        "--data",
+        default="/var/lib/edgefl/data.npz",
+        help="local data path on the device; {id} becomes the device id (default %(default)s)",
+    )
+    e.add_argument(
+        "--state-dir",
+        default="/var/lib/edgefl/device",
+        help="the agent's state directory; {id} becomes the device id (default %(default)s)",
     )
     e.add_argument("--out", default="enrolled", help="where to write the device config files")
     e.add_argument(
@@ -574,6 +619,82 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the broker"
     )
     st.set_defaults(func=cmd_status)
+    split_defaults = DataConfig()  # the demo's: one place for them
+    sp = sub.add_parser(
+        "split",
+        help="turn a data set into devices' data.npz files and the aggregator's test.npz",
+        description="Split a data set over devices: OUT/<device id>/data.npz for each device "
+        "(the file a device's `data` names), OUT/test.npz (the aggregator's eval_data) and "
+        "OUT/split.json (who holds what). Each sample goes to exactly one device or the test "
+        "set.",
+    )
+    sp.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="digits, fashion_mnist, watch, or your own file: .npz with X (samples x features) "
+        "and integer y, or .csv with a header row, a label column and numeric features",
+    )
+    fleet = sp.add_mutually_exclusive_group(required=True)
+    fleet.add_argument("--devices", type=int, metavar="N", help="N devices: dev-1 ... dev-N")
+    fleet.add_argument(
+        "--device-ids", metavar="A,B,C", help="these devices (the ids given to edgefl enroll)"
+    )
+    sp.add_argument(
+        "--partition",
+        default=split_defaults.partition,
+        choices=PARTITIONS,
+        help="dirichlet: label skew (default); iid: even; shards: a few labels each; natural: "
+        "one device per subject (watch, or a file that records subjects)",
+    )
+    sp.add_argument(
+        "--alpha",
+        metavar="A",
+        type=float,
+        default=split_defaults.alpha,
+        help="the Dirichlet concentration (default %(default)s; larger is more even)",
+    )
+    sp.add_argument(
+        "--min-samples",
+        metavar="N",
+        type=int,
+        default=split_defaults.min_samples,
+        help="samples every device gets at least (default %(default)s)",
+    )
+    sp.add_argument(
+        "--shards-per-device",
+        metavar="N",
+        type=int,
+        default=split_defaults.shards_per_device,
+        help="label shards per device (default %(default)s)",
+    )
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=split_defaults.seed,
+        help="seeds the partition (the test set stays the same)",
+    )
+    sp.add_argument(
+        "--test-fraction",
+        metavar="F",
+        type=float,
+        help=f"held out for testing (default {split_defaults.test_fraction}; digits and your "
+        "files: fashion_mnist and watch have their own test sets)",
+    )
+    sp.add_argument(
+        "--label-column",
+        metavar="NAME",
+        default="label",
+        help="a .csv's label column (default %(default)s)",
+    )
+    sp.add_argument(
+        "--subject-column",
+        metavar="NAME",
+        help="a .csv's column naming whose each sample is (for natural)",
+    )
+    sp.add_argument(
+        "--out", metavar="DIR", default="data", help="where to write (default: %(default)s)"
+    )
+    sp.set_defaults(func=cmd_split)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml", help="the run's TOML (see configs/)")

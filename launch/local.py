@@ -30,8 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgefl.atomic import write_atomic
 from edgefl.config import (
     AggregatorConfig,
@@ -42,7 +40,8 @@ from edgefl.config import (
     to_dict,
     to_toml,
 )
-from edgefl.data import Dataset, load_split, partition, save_npz
+from edgefl.data import Dataset, PartitionError, load_split, partition, save_npz
+from edgefl.data.split import device_table as data_table
 from launch.report import device_table, per_device, write_report
 
 log = logging.getLogger(__name__)
@@ -78,28 +77,28 @@ def prepare_data(cfg: RunConfig, data_dir: Path, device_ids: list[str]) -> dict[
                 f"held out for testing), so set demo.devices = {len(subjects)}, "
                 f"not {len(device_ids)}"
             )
-    parts = partition(
-        train.y,
-        len(device_ids),
-        d.partition,
-        d.alpha,
-        d.seed,
-        d.min_samples,
-        subjects=train.subjects,
-        shards_per_device=d.shards_per_device,
-    )
-    sizes = {}
-    devices: dict[str, Any] = {}
+    try:
+        parts = partition(
+            train.y,
+            len(device_ids),
+            d.partition,
+            d.alpha,
+            d.seed,
+            d.min_samples,
+            subjects=train.subjects,
+            shards_per_device=d.shards_per_device,
+        )
+    except PartitionError as e:  # the fix is a setting: name the run's own keys
+        raise ConfigError(
+            f"{e} (here: data.alpha = {d.alpha:g}, data.min_samples = {d.min_samples}, "
+            f"demo.devices = {len(device_ids)}, data.partition = {d.partition!r})"
+        ) from None
+    by_id = dict(zip(device_ids, parts, strict=True))
     classes = int(max(train.y.max(), test.y.max())) + 1
-    for device_id, idx in zip(device_ids, parts, strict=True):
+    for device_id, idx in by_id.items():
         save_npz(data_dir / f"{device_id}.npz", Dataset(train.X[idx], train.y[idx]))
-        sizes[device_id] = len(idx)
-        devices[device_id] = {
-            "samples": len(idx),
-            "per_class": np.bincount(train.y[idx], minlength=classes).tolist(),
-        }
-        if train.subjects is not None:
-            devices[device_id]["subjects"] = sorted(set(train.subjects[idx].tolist()))
+    devices = data_table(by_id, train.y, classes, train.subjects)
+    sizes = {device_id: len(idx) for device_id, idx in by_id.items()}
     save_npz(data_dir / "test.npz", test)
     manifest = {
         "dataset": d.dataset,

@@ -16,6 +16,7 @@ import pytest
 from edgefl.config import ConfigError, DataConfig, RunConfig, load
 from edgefl.data import (
     Dataset,
+    PartitionError,
     dirichlet_partition,
     iid_partition,
     load_digits_split,
@@ -156,7 +157,7 @@ def test_dirichlet_refuses_impossible_requests(y_train):
 
 def test_dirichlet_gives_up_with_a_hint():
     # feasible in count (2 x 10 of 20) but a near-degenerate Dirichlet never splits evenly
-    with pytest.raises(RuntimeError, match="raise alpha"):
+    with pytest.raises(PartitionError, match="raise alpha"):
         dirichlet_partition(np.zeros(20, dtype=np.int64), 2, alpha=1e-6, min_samples=10)
 
 
@@ -568,3 +569,18 @@ def test_load_refuses_a_bare_npy_array(tmp_path):
     np.save(path, X_OK)
     with pytest.raises(ValueError, match="not an .npz archive"):
         load_npz(path)
+
+
+def test_prepare_data_names_the_settings_when_the_fleet_is_too_large(tmp_path):
+    # 1,437 training digits cannot give 3 devices 500 each: one line naming the run's keys,
+    # not a traceback from inside the partitioner
+    cfg = run_config(3, partition="iid", min_samples=500)
+    with pytest.raises(ConfigError, match=r"use at most 2 devices.*demo\.devices = 3"):
+        prepare_data(cfg, tmp_path / "data", ids(3))
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_iid_partition_keeps_the_minimum_per_device(y_train):
+    with pytest.raises(PartitionError, match="at least 100 each: use at most 14 devices"):
+        partition(y_train, 15, "iid", 0.5, 0, 100)
+    assert min(len(p) for p in partition(y_train, 14, "iid", 0.5, 0, 100)) >= 100

@@ -97,3 +97,19 @@ def test_a_bad_id_enrols_none_of_them(broker_dir: Path, tmp_path: Path, capsys) 
     assert "pi-a" not in read_password_file(broker_dir / "passwords")
     assert not (tmp_path / "pi-a.toml").exists()
     assert not (broker_dir / LIST_FILE).exists()
+
+
+def test_data_and_state_paths_per_device(broker_dir: Path, tmp_path: Path) -> None:
+    # several devices on one machine (the local walkthrough) need their own data and state
+    prepare(FLEET, broker_dir)
+    args = ("--host", "b", "--data", "fleet/{id}/data.npz", "--state-dir", "fleet/{id}/state")
+    assert enroll(broker_dir, tmp_path, "dev-1", "dev-2", *args) == 0
+    for device_id in ("dev-1", "dev-2"):
+        cfg = load(DeviceConfig, tmp_path / f"{device_id}.toml")
+        assert (cfg.data, cfg.state_dir) == (
+            f"fleet/{device_id}/data.npz",
+            f"fleet/{device_id}/state",
+        )
+    assert enroll(broker_dir, tmp_path, "pi-a", "--host", "b") == 0  # a Pi's defaults stay
+    cfg = load(DeviceConfig, tmp_path / "pi-a.toml")
+    assert (cfg.data, cfg.state_dir) == ("/var/lib/edgefl/data.npz", "/var/lib/edgefl/device")

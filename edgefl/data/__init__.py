@@ -1,5 +1,6 @@
 """Data: the data sets of local runs and benchmarks, the partitioners that spread one over a
-simulated fleet, and the checked loader a device uses for the data it holds.
+simulated fleet, the checked loader a device uses for the data it holds, and the splitting of a
+data set (bundled or a user's file) into devices' files (edgefl/data/split.py, `edgefl split`).
 
 Every data set gives X as float32 (samples, features), flat, and y as int64 class labels:
 
@@ -18,6 +19,7 @@ from edgefl.data.digits import load_digits_split
 from edgefl.data.fashion_mnist import load_fashion_mnist, load_fashion_mnist_split
 from edgefl.data.partition import (
     PARTITIONS,
+    PartitionError,
     dirichlet_partition,
     iid_partition,
     natural_partition,
@@ -31,6 +33,7 @@ __all__ = [
     "PARTITIONS",
     "DataMissingError",
     "Dataset",
+    "PartitionError",
     "dirichlet_partition",
     "iid_partition",
     "load_digits_split",

@@ -77,7 +77,7 @@ def load_npz(
     except (EOFError, zipfile.BadZipFile) as e:
         raise bad(f"not a readable .npz file ({e})") from None
     except ValueError:  # numpy took it for a pickle, which it refuses to load
-        raise bad("not an .npz file") from None
+        raise bad("not an .npz archive holding arrays X and y") from None
     except OSError as e:  # a directory, no permission
         raise bad(f"cannot be read ({e.strerror or e})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
