@@ -133,7 +133,7 @@ class TrainConfig:
 @dataclass
 class CodecConfig:
     """How devices encode their updates and how the aggregator sends the model
-    (edgefl/compression/, edgefl/error_feedback.py; README, "Update compression")."""
+    (edgefl/compression/, edgefl/error_feedback.py; docs/compression.md)."""
 
     # dense_fp32 | fp16 | int8 | prune | topk
     name: str = "dense_fp32"
@@ -257,8 +257,7 @@ class RoundsConfig:
 
 @dataclass
 class ScheduleConfig:
-    """How the scheduler sizes each participant's work (aggregator/scheduler.py; README,
-    "Scheduling and battery policy")."""
+    """How the scheduler sizes each participant's work (aggregator/scheduler.py; docs/scheduling.md)."""
 
     # "uniform": every participant gets the [train] workload and the [codec] codec.
     # "adaptive": each gets the work it can finish within the round's time budget, judged from
@@ -335,8 +334,7 @@ class LimitsConfig:
 
 @dataclass
 class QuarantineConfig:
-    """When the aggregator cuts a device off at the broker (aggregator/guard.py; README,
-    "Reliability and security"). An honest device sends a status when it connects, telemetry
+    """When the aggregator cuts a device off at the broker (aggregator/guard.py; docs/mqtt.md, "Reliability and security"). An honest device sends a status when it connects, telemetry
     every few seconds and one update or reply per round: far below these."""
 
     enabled: bool = True
@@ -422,7 +420,7 @@ class MetricsConfig:
             )
 
 
-# [personal] methods (device/personal/, one module each; README, "Personalised models")
+# [personal] methods (device/personal/, one module each; docs/personalisation.md)
 PERSONAL_METHODS = ("none", "local", "finetune", "fedper", "fedrep", "ditto", "apfl", "perfedavg")
 # the methods that keep their last personal_layers layers on the device: those layers are
 # never sent, and the aggregator aggregates the rest of the model only

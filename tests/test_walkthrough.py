@@ -1,4 +1,4 @@
-"""The local three-device walkthrough (docs/walkthrough.md), run as a newcomer runs it: the
+"""The local three-device walkthrough (README.md, "Three devices on one machine"), run as a newcomer runs it: the
 ```sh walkthrough block, pasted into bash, with only its PORT and WORK lines changed (a free
 port, a temporary directory). It starts its own Mosquitto with `edgefl broker`; the test then
 checks what the walkthrough promises: all three devices trained in every round, the model was
@@ -25,7 +25,7 @@ from broker import free_port
 from edgefl.data import load_npz
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "walkthrough.md"
+DOC = ROOT / "README.md"
 DEVICES = ("dev-1", "dev-2", "dev-3")
 TIMEOUT_S = 240  # the walkthrough itself takes about 30 s here; a loaded machine, more
 
@@ -33,7 +33,7 @@ TIMEOUT_S = 240  # the walkthrough itself takes about 30 s here; a loaded machin
 def walkthrough_block(text: str) -> str:
     """The one fenced block marked ``sh walkthrough``."""
     blocks = re.findall(r"^```sh walkthrough\n(.*?)^```$", text, flags=re.S | re.M)
-    assert len(blocks) == 1, "docs/walkthrough.md must hold exactly one ```sh walkthrough block"
+    assert len(blocks) == 1, "README.md must hold exactly one ```sh walkthrough block"
     return blocks[0]
 
 

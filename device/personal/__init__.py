@@ -1,5 +1,5 @@
 """Personalised models on the device: besides training the global model, every device keeps a
-model fitted to its own data ([personal] method; README, "Personalised models").
+model fitted to its own data ([personal] method; docs/personalisation.md).
 
 In a real fleet each device's data differ (its sensor, its user, its place), and one global
 model serves none of them best. A personalisation method decides two things, and only these:
