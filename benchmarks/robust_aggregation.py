@@ -67,7 +67,8 @@ ATTACKS: dict[str, dict[int, float]] = {
     "half each": {3: -1.0, 8: -10.0, 13: -1.0, 18: -10.0},
 }
 
-HOLDS_POINTS = 2.0  # docs/mqtt.md's promise ("Reliability and security"): within 2 points of the clean run
+# docs/mqtt.md's promise ("Reliability and security"): within 2 points of the clean run
+HOLDS_POINTS = 2.0
 
 
 @dataclass(frozen=True)

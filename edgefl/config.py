@@ -257,7 +257,8 @@ class RoundsConfig:
 
 @dataclass
 class ScheduleConfig:
-    """How the scheduler sizes each participant's work (aggregator/scheduler.py; docs/scheduling.md)."""
+    """How the scheduler sizes each participant's work (aggregator/scheduler.py;
+    docs/scheduling.md)."""
 
     # "uniform": every participant gets the [train] workload and the [codec] codec.
     # "adaptive": each gets the work it can finish within the round's time budget, judged from
@@ -334,7 +335,8 @@ class LimitsConfig:
 
 @dataclass
 class QuarantineConfig:
-    """When the aggregator cuts a device off at the broker (aggregator/guard.py; docs/mqtt.md, "Reliability and security"). An honest device sends a status when it connects, telemetry
+    """When the aggregator cuts a device off at the broker (aggregator/guard.py; docs/mqtt.md,
+    "Reliability and security"). An honest device sends a status when it connects, telemetry
     every few seconds and one update or reply per round: far below these."""
 
     enabled: bool = True

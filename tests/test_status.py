@@ -150,7 +150,8 @@ def test_status_says_in_one_line_why_it_cannot_read_the_broker(broker, tmp_path,
     assert got.returncode == (2 if trouble == "wrong password" else 1) and got.stdout == ""
     lines = got.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgefl status: ")
-    assert ("refused account 'monitor'" if trouble == "wrong password" else "no connection") in lines[0]
+    want = "refused account 'monitor'" if trouble == "wrong password" else "no connection"
+    assert want in lines[0]
 
 
 def test_status_without_a_readable_password_file_says_which(tmp_path) -> None:

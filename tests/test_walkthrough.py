@@ -1,8 +1,9 @@
-"""The local three-device walkthrough (README.md, "Three devices on one machine"), run as a newcomer runs it: the
-```sh walkthrough block, pasted into bash, with only its PORT and WORK lines changed (a free
-port, a temporary directory). It starts its own Mosquitto with `edgefl broker`; the test then
-checks what the walkthrough promises: all three devices trained in every round, the model was
-deployed to each of them, and `edgefl predict` answered from dev-1's installed model."""
+"""The local three-device walkthrough (README.md, "Three devices on one machine"), run as a
+newcomer runs it: the ```sh walkthrough block, pasted into bash, with only its PORT and WORK
+lines changed (a free port, a temporary directory). It starts its own Mosquitto with `edgefl
+broker`; the test then checks what the walkthrough promises: all three devices trained in every
+round, the model was deployed to each of them, and `edgefl predict` answered from dev-1's
+installed model."""
 
 from __future__ import annotations
 
