@@ -296,6 +296,9 @@ class Buffer:
         with self._lock:
             self.current.acc.applies_to = applies_to + len(self.ready)
 
+    def waiting_on(self) -> tuple[list[str], float | None]:
+        return sorted({t.device_id for t in self.active()}), None
+
     def active(self) -> list[OpenTask]:
         with self._lock:
             return [t for t in self.tasks.values() if t.active]

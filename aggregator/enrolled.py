@@ -93,6 +93,16 @@ class EnrolledDevices:
         if force or mtime != self._mtime:
             self._ids, self._mtime = read_ids(self.path), mtime
 
+    def ids(self) -> set[str] | None:
+        """The enrolled ids as the list says now; None without a list (any device goes)."""
+        if self.path is None:
+            return None
+        with self._lock:
+            if time.monotonic() - self._checked > self._recheck_s:
+                self._checked = time.monotonic()
+                self._reload()
+            return set(self._ids)
+
     def __contains__(self, device_id: str) -> bool:
         if self.path is None:
             return True

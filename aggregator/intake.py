@@ -307,6 +307,8 @@ class Intake:
 
     def _reject(self, device_id: str | None, reason: str, detail: str, rnd: Sink | None) -> None:
         self.rejected[reason] += 1
+        if device_id is not None:
+            self.registry.on_rejected(device_id)
         if rnd is not None:
             rnd.count_rejection(reason)
         self.guard.reject(device_id, "update", reason, detail)

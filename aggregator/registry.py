@@ -57,6 +57,7 @@ class DeviceRecord:
     rounds_completed: int = 0
     deadlines_missed: int = 0
     declines: int = 0
+    updates_rejected: int = 0  # its updates (and replies) refused on arrival, for operators
     last_decline: str = ""
     # samples per second of local training, smoothed over past updates
     throughput_sps: float | None = None
@@ -270,6 +271,29 @@ class DeviceRegistry:
             rec.last_decline = reason
             rec.rounds_assigned = max(0, rec.rounds_assigned - 1)
 
+    def on_rejected(self, device_id: str) -> None:
+        """One of its updates or replies was refused (counted for operators; the guard decides
+        whether that is the device's fault)."""
+        with self._lock:
+            rec = self._devices.get(device_id)
+            if rec is not None:  # a device never heard of is not made known by its garbage
+                rec.updates_rejected += 1
+
+    def figures(self, limit: int) -> tuple[dict[str, dict[str, int]], int]:
+        """Per device (the first ``limit`` by id): rounds contributed to, rounds assigned,
+        updates rejected; and how many devices were left out by the limit."""
+        with self._lock:
+            recs = sorted(self._devices.values(), key=lambda r: r.device_id)
+            shown = {
+                r.device_id: {
+                    "rounds": r.rounds_completed,
+                    "assigned": r.rounds_assigned,
+                    "rejected": r.updates_rejected,
+                }
+                for r in recs[:limit]
+            }
+        return shown, max(0, len(recs) - limit)
+
     def on_missed(self, device_ids: list[str]) -> None:
         with self._lock:
             for d in device_ids:
@@ -292,6 +316,11 @@ class DeviceRegistry:
                 and (telemetry_max_age_s is None or now - r.telemetry_at <= telemetry_max_age_s)
             ]
         return sorted(out, key=lambda r: r.device_id)
+
+    def records(self) -> list[DeviceRecord]:
+        """Every device known, online or not, sorted by id."""
+        with self._lock:
+            return sorted(self._devices.values(), key=lambda r: r.device_id)
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
@@ -332,7 +361,8 @@ class DeviceRegistry:
 
     # what a checkpoint keeps of each device: its history, not its passing state
     _KEPT = ("device_id", "capabilities", "agent_version", "rounds_assigned", "rounds_completed",
-             "deadlines_missed", "declines", "throughput_sps", "latency_s", "energy_j")
+             "deadlines_missed", "declines", "throughput_sps", "latency_s", "energy_j",
+             "updates_rejected")
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Plain data for checkpoints: what :meth:`restore` brings back. Built field by field
@@ -351,6 +381,7 @@ class DeviceRegistry:
                 rec.rounds_completed = int(d.get("rounds_completed", 0))
                 rec.deadlines_missed = int(d.get("deadlines_missed", 0))
                 rec.declines = int(d.get("declines", 0))
+                rec.updates_rejected = int(d.get("updates_rejected", 0))
                 rec.throughput_sps = d.get("throughput_sps")
                 rec.latency_s = d.get("latency_s")
                 rec.energy_j = float(d.get("energy_j", 0.0))

@@ -79,6 +79,10 @@ class Sink(Protocol):
     def progress(self) -> tuple[int, int, int]:
         """(round, updates folded in, updates expected), for the aggregator's status."""
 
+    def waiting_on(self) -> tuple[list[str], float | None]:
+        """The devices whose updates it still waits for (sorted), and the unix time by which it
+        stops waiting at the latest (None: each task has its own deadline)."""
+
     def wake(self) -> None:
         """Something changed (a device went offline, an update was accepted)."""
 
@@ -164,6 +168,11 @@ class Round:
     def progress(self) -> tuple[int, int, int]:
         with self._lock:
             return self.number, len(self.accepted), len(self.participants)
+
+    def waiting_on(self) -> tuple[list[str], float | None]:
+        with self._lock:
+            done = self.accepted.keys() | self.withdrawn.keys()
+            return sorted(d for d in self.participants if d not in done), self.deadline
 
     def hold_ack(self, ack: Callable[[], None]) -> None:
         with self._lock:

@@ -50,12 +50,13 @@ from aggregator.scheduler import Plan, Scheduler
 from aggregator.strategies import make_strategy
 from edgefl import dynsec
 from edgefl.atomic import fsync_path, write_atomic
-from edgefl.config import AggregatorConfig, ConfigError
+from edgefl.config import NAME_RE, AggregatorConfig, ConfigError
 from edgefl.data import Dataset, load_npz
 from edgefl.messages import (
     AggregatorStatus,
     Reply,
 )
+from edgefl.messages.control import MAX_STATUS_DEVICES, MAX_STATUS_MISSING, MAX_STATUS_REASONS
 from edgefl.models import (
     build_model,
     get_weights,
@@ -121,6 +122,11 @@ class Aggregator:
         self._round: Sink | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
+        # what the loop waits for between rounds ("devices" before the first, "eligible" when
+        # none can take part), and whom; a round or buffer says its own (Sink.waiting_on)
+        self._waiting: tuple[str, list[str]] = ("", [])
+        self._finished = False  # finish() said so: nothing that follows may say otherwise
+        self._last_said = ("", 0.0)  # the last "waiting" line and when, not to repeat it
         self._stopping = threading.Event()
         self.intake = Intake(
             cfg,
@@ -178,7 +184,9 @@ class Aggregator:
         self._stopping.set()
         self._wake_round()
         self.checkpointer.wait_flushed()  # the last round's acknowledgements go out first
-        if self.link.connected.is_set():
+        # a finished run's status stays "finished" (retained, with its accuracy); the clean
+        # disconnect below does not fire the Will either
+        if self.link.connected.is_set() and not self._finished:
             info = self.link.publish(
                 self.topics.aggregator_status, self._status("offline").to_payload(), retain=True
             )
@@ -194,21 +202,86 @@ class Aggregator:
     def run(self, rounds: int | None = None) -> list[RoundMetrics]:
         """Wait for the fleet, then run rounds up to ``rounds`` (default: the config's)."""
         last = rounds if rounds is not None else self.cfg.rounds.rounds
-        want = self.cfg.rounds.min_devices
-        n = self.registry.wait_online(want, self.cfg.rounds.wait_for_devices_s)
-        if n < want:
-            log.warning(
-                "only %d of %d devices online after %.0f s; starting anyway",
-                n,
-                want,
-                self.cfg.rounds.wait_for_devices_s,
-            )
+        self._rounds_total = last
+        self._wait_for_devices()
         if self.engine is not None:
             self.engine.run(last)
             return self.history
         while self.next_round <= last and not self._stopping.is_set():
             self.run_round()
         return self.history
+
+    def devices_wanted(self) -> int:
+        """Devices to wait for before the first round: ``rounds.min_devices``, or (0, the
+        default) every enrolled device, or one when no enrolled_devices list is set."""
+        if self.cfg.rounds.min_devices > 0:
+            return self.cfg.rounds.min_devices
+        enrolled = self.intake.enrolled.ids()
+        return max(1, len(enrolled or ()))
+
+    def _not_online(self) -> list[str]:
+        """The enrolled devices that are not online (none known without a list)."""
+        enrolled = self.intake.enrolled.ids() or set()
+        return sorted(d for d in enrolled if not self.registry.is_online(d))
+
+    def _wait_for_devices(self) -> None:
+        """Wait up to ``rounds.wait_for_devices_s`` for :meth:`devices_wanted` devices, saying
+        (log and status) which ones it waits for."""
+        want, timeout = self.devices_wanted(), self.cfg.rounds.wait_for_devices_s
+        deadline = time.monotonic() + timeout
+        said, online = -1.0, -1
+        while not self._stopping.is_set():
+            n = self.registry.wait_online(want, 1.0)
+            left = deadline - time.monotonic()
+            if n >= want or left <= 0:
+                break
+            if n != online:  # operators see each arrival
+                online = n
+                self._waiting = ("devices", self._not_online())
+                self._publish_status(force=True)
+            if time.monotonic() - said >= 10.0:
+                said = time.monotonic()
+                log.info(
+                    "fleet %r: %d of %d devices online; waiting up to %.0f s more for %s",
+                    self.cfg.fleet, n, want, left, _names(self._not_online(), "more devices"),
+                )
+        self._waiting = ("", [])
+        n = len(self.registry.online())
+        if n < want and not self._stopping.is_set():
+            log.warning(
+                "fleet %r: only %d of %d devices online after %.0f s (not online: %s); "
+                "starting anyway",
+                self.cfg.fleet, n, want, timeout, _names(self._not_online(), "unknown"),
+            )
+
+    def _say_waiting(self, number: int) -> None:
+        """Why no device can take part in round ``number``, whom it waits for; said again only
+        when that changes, or after a minute."""
+        enrolled = self.intake.enrolled.ids()
+        eligible = set(self.scheduler.eligible())
+        why = {r.device_id: "online but not eligible (battery, stale telemetry or serve-only)"
+               for r in self.registry.online() if r.device_id not in eligible}
+        offline = self._not_online() if enrolled is not None else sorted(
+            r.device_id for r in self.registry.records() if not r.online
+        )
+        self._waiting = ("eligible", sorted(set(offline) | set(why)))
+        self._publish_status(force=True)
+        if enrolled is None and not self.registry.online():
+            whom = "any device (none is online, and no enrolled_devices list names them)"
+        else:
+            parts = []
+            if offline:
+                parts.append(f"offline: {_names(offline, '')}")
+            if why:
+                parts.append(f"online but not eligible (battery under the floor, no telemetry "
+                             f"within {self.cfg.rounds.telemetry_max_age_s:g} s, or serve-only):"
+                             f" {_names(sorted(why), '')}")
+            whom = "; ".join(parts) or "a device to come online"
+        line = f"round {number}: no eligible device in fleet {self.cfg.fleet!r}; waiting ({whom})"
+        last, at = self._last_said
+        if line != last or time.monotonic() - at >= 60.0:
+            log.warning("%s", line)
+            self._last_said = (line, time.monotonic())
 
     # -- a round --------------------------------------------------------------------------------
 
@@ -220,9 +293,10 @@ class Aggregator:
         plan = self.scheduler.plan(number, self.version)
         planned = time.perf_counter()
         if plan is None:
-            log.warning("round %d: no eligible device online; waiting", number)
+            self._say_waiting(number)
             self.registry.wait_for(lambda _records: bool(self.scheduler.eligible()), 5.0)
             return None
+        self._waiting, self._last_said = ("", []), ("", 0.0)
         rnd = Round(
             number,
             self.version,
@@ -437,9 +511,26 @@ class Aggregator:
 
     _closing_at = _phase_at = 0.0
 
+    _rounds_total = 0
+
     def _status(self, state: str = "online", accuracy: float | None = None) -> AggregatorStatus:
+        """Where the training stands, bounded in size whatever the fleet's (the lists are cut
+        at edgefl.messages.control's MAX_STATUS_*, and what was cut is counted)."""
         rnd = self._round
         number, reported, expected = rnd.progress() if rnd else (self.next_round - 1, 0, 0)
+        if self._finished:
+            state = "finished"
+        waiting, missing = self._waiting
+        deadline = None
+        if rnd is not None:
+            waiting = "updates"
+            missing, deadline = rnd.waiting_on()
+        if state == "finished":
+            waiting, missing, deadline = "nothing", [], None
+        if accuracy is None:  # the newest evaluation's stands until the next one
+            accuracy = next((m.accuracy for m in reversed(self.history)), None)
+        devices, devices_more = self.registry.figures(MAX_STATUS_DEVICES)
+        reasons = sorted((k, v) for k, v in self.rejected.items() if NAME_RE.match(k))
         return AggregatorStatus(
             state=state,
             round=number,
@@ -448,6 +539,18 @@ class Aggregator:
             expected=expected,
             accuracy=accuracy,
             quarantined=sorted(self.guard.quarantined),
+            mode=self.cfg.rounds.mode,
+            rounds=self._rounds_total or self.cfg.rounds.rounds,
+            waiting_for=waiting,
+            deadline=deadline,
+            missing=missing[:MAX_STATUS_MISSING],
+            missing_more=max(0, len(missing) - MAX_STATUS_MISSING),
+            online=len(self.registry.online()),
+            uplink_bytes=sum(m.uplink_bytes for m in self.history),
+            downlink_bytes=sum(m.downlink_bytes for m in self.history),
+            rejected=dict(reasons[:MAX_STATUS_REASONS]),
+            devices=devices,
+            devices_more=devices_more,
         )
 
     def _publish_status(
@@ -463,8 +566,9 @@ class Aggregator:
         )
 
     def finish(self) -> None:
-        """Tell everyone that training is over (retained)."""
+        """Tell everyone that training is over (retained); it stays so (see :meth:`stop`)."""
         acc = self.history[-1].accuracy if self.history else None
+        self._finished = True
         info = self.link.publish(
             self.topics.aggregator_status,
             self._status("finished", acc).to_payload(),
@@ -591,3 +695,11 @@ class Aggregator:
     def deploy(self, exported: dict[str, Any]) -> dict[str, Any]:
         """Roll an exported model out to the fleet; see aggregator/deploy.py."""
         return self.rollout.publish(exported["version"])
+
+
+def _names(ids: list[str], none: str, most: int = 10) -> str:
+    """Device ids for a log line: the first ``most``, then how many more."""
+    if not ids:
+        return none
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more

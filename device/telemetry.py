@@ -67,10 +67,29 @@ def _read_battery() -> tuple[float | None, bool | None]:
     return float(battery.percent), bool(battery.power_plugged)
 
 
+# psutil measures a process's CPU share between two calls on the same Process object: one, kept
+# for the life of the agent, makes every reading the share since the previous report
+_SELF = psutil.Process()
+_SELF_LOCK = threading.Lock()
+
+
+def read_agent() -> tuple[float | None, float | None]:
+    """(CPU percent, resident MiB) of this process: the agent itself, where ``cpu_percent`` of
+    :func:`read_system` is the whole machine. (None, None) if the system will not say."""
+    try:
+        with _SELF_LOCK:
+            cpu = _SELF.cpu_percent(interval=None)
+            rss = _SELF.memory_info().rss / 2**20
+    except (psutil.Error, OSError):
+        return None, None
+    return float(cpu), float(rss)
+
+
 def read_system(samples: int, link_kbps: float | None = None) -> Telemetry:
     """The machine's own readings right now; ``link_kbps`` is what the caller knows of its
     uplink (see :class:`LinkEstimator`), None if nothing yet."""
     battery_percent, charging = read_battery()
+    agent_cpu, agent_rss = read_agent()
     return Telemetry(
         cpu_percent=float(psutil.cpu_percent(interval=None)),
         mem_available_mb=psutil.virtual_memory().available / 2**20,
@@ -79,6 +98,8 @@ def read_system(samples: int, link_kbps: float | None = None) -> Telemetry:
         charging=charging,
         temperature_c=_cpu_temperature(),
         link_kbps=link_kbps,
+        agent_cpu_percent=agent_cpu,
+        agent_rss_mb=agent_rss,
     )
 
 

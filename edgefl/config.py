@@ -187,8 +187,9 @@ class RoundsConfig:
     rounds: int = 30
     # Participants per round; 0 means every eligible online device.
     participants: int = 0
-    # Devices that must be online before the first round starts.
-    min_devices: int = 1
+    # Devices that must be online before the first round starts; 0: every device on the
+    # enrolled_devices list (one without a list). After wait_for_devices_s it starts anyway.
+    min_devices: int = 0
     wait_for_devices_s: float = 120.0
     deadline_s: float = 60.0
     # Fraction of the round's participants that must report for the round to close at its deadline.
@@ -238,6 +239,8 @@ class RoundsConfig:
             )
         if self.concurrency < 0:
             raise ConfigError("rounds.concurrency must be >= 0 (0 = every eligible device)")
+        if self.min_devices < 0:
+            raise ConfigError("rounds.min_devices must be >= 0 (0 = every enrolled device)")
         if self.buffer_size < 1:
             raise ConfigError("rounds.buffer_size must be >= 1")
         if self.max_staleness < 0:

@@ -108,6 +108,8 @@ class MqttLink:
         self._timed: dict[int, tuple[float, int, AckedCallback]] = {}
         self._timed_early: dict[int, float] = {}
         self._timing = 0
+        # set once connected, or once refused for good (bad credentials): waiting longer for
+        # a connection that cannot come only delays the error
         self._first_result: threading.Event = threading.Event()
         self._refused: str | None = None
         self.bytes_out: Counter[str] = Counter()
@@ -186,7 +188,8 @@ class MqttLink:
                 self._subs_early.add(mid)
 
     def wait_connected(self, timeout: float) -> None:
-        if self.connected.wait(timeout):
+        self._first_result.wait(timeout)
+        if self.connected.is_set():
             return
         where = f"{self.broker.host}:{self.broker.port}"
         if self._refused:
@@ -376,6 +379,7 @@ class MqttLink:
             # paho's backoff (up to 30 s), so that a device an operator re-admits comes back
             if reason_code.value in (0x86, 0x87, 0x8C) and self.connects == 0:
                 threading.Thread(target=client.disconnect, daemon=True).start()
+                self._first_result.set()
             return
         self.connects += 1
         # whether the broker kept our session (subscriptions, unacknowledged messages)
@@ -392,6 +396,7 @@ class MqttLink:
                 self._subs_pending.add(SENDING)
             # set under the lock: a subscribe() racing with us either is in `subs` or sees it set
             self.connected.set()
+            self._first_result.set()
         if subs:
             self._sent_subscribe(client.subscribe([(f, q) for f, q in subs]))
             with self._subs_settled:

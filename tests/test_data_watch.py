@@ -186,7 +186,7 @@ def test_only_the_setup_module_unpickles():
     """No run-time code may load with allow_pickle=True; the set-up conversion is the one place."""
     found = {
         str(p.relative_to(REPO))
-        for role in ("edgefl", "device", "aggregator", "broker", "launch")
+        for role in ("edgefl", "device", "aggregator", "broker", "monitor", "launch")
         for p in (REPO / role).rglob("*.py")
         if re.search(r"allow_pickle\s*=\s*True|pickle\.loads?\(", p.read_text())
     }

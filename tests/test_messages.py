@@ -802,6 +802,8 @@ def make_telemetry(**changes) -> Telemetry:
         charging=False,
         temperature_c=51.5,
         link_kbps=2400.0,
+        agent_cpu_percent=12.5,
+        agent_rss_mb=141.75,
         ts=1_700_000_001.0,
     )
     fields.update(changes)
@@ -905,6 +907,10 @@ def test_telemetry_round_trip(telemetry):
         ("samples", -3),
         ("temperature_c", 1000),
         ("mem_available_mb", None),
+        ("agent_cpu_percent", -0.5),
+        ("agent_cpu_percent", "busy"),
+        ("agent_rss_mb", 1e10),
+        ("agent_rss_mb", True),
     ],
 )
 def test_telemetry_with_a_bad_field(key, value):
@@ -912,7 +918,9 @@ def test_telemetry_with_a_bad_field(key, value):
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400, "1e400"])
-@pytest.mark.parametrize("key", ["cpu_percent", "battery_percent", "temperature_c", "ts"])
+@pytest.mark.parametrize(
+    "key", ["cpu_percent", "battery_percent", "temperature_c", "agent_cpu_percent", "ts"]
+)
 def test_telemetry_refuses_non_finite_numbers(key, literal):
     payload = make_telemetry().to_payload().decode()
     obj = json.loads(payload)
@@ -981,8 +989,16 @@ def test_status_refuses_non_finite_numbers(payload):
         AggregatorStatus("online", round=7, model_version=7, reported=12, expected=20, ts=9.0),
         AggregatorStatus("finished", round=30, model_version=30, accuracy=0.96875, ts=9.0),
         AggregatorStatus("offline", ts=0.0),
+        AggregatorStatus(
+            "online", round=3, model_version=2, reported=1, expected=3, mode="async", rounds=10,
+            waiting_for="updates", deadline=1_700_000_100.5, missing=["dev-1", "dev-2"],
+            missing_more=5, online=3, uplink_bytes=123456, downlink_bytes=654321,
+            rejected={"stale": 2, "not_participant": 1},
+            devices={"dev-0": {"rounds": 2, "assigned": 3, "rejected": 1}}, devices_more=4,
+            ts=9.0,
+        ),
     ],
-    ids=lambda s: s.state,
+    ids=lambda s: f"{s.state}-{s.mode}",
 )
 def test_aggregator_status_round_trip(sent):
     assert AggregatorStatus.from_payload(sent.to_payload()) == sent
@@ -998,6 +1014,19 @@ def test_aggregator_status_round_trip(sent):
         b'"state":"online","accuracy":NaN',
         b'"state":"online","accuracy":-Infinity',
         b'"state":"online","quarantined":["dev/1"]',
+        b'"state":"online","mode":"batch"',
+        b'"state":"online","waiting_for":"godot"',
+        b'"state":"online","deadline":Infinity',
+        b'"state":"online","missing":["a","b/c"]',
+        b'"state":"online","missing":[' + b",".join([b'"d"'] * 65) + b"]",
+        b'"state":"online","rejected":{"Stale!":1}',
+        b'"state":"online","rejected":{"stale":-1}',
+        b'"state":"online","rejected":[1]',
+        b'"state":"online","devices":{"dev-0":{"rounds":1,"energy":2}}',
+        b'"state":"online","devices":{"dev-0":{"rounds":1.5}}',
+        b'"state":"online","devices":{"dev/0":{}}',
+        b'"state":"online","devices":{"dev-0":[]}',
+        b'"state":"online","online":true',
     ],
 )
 def test_aggregator_status_with_a_bad_field(payload):
@@ -1098,3 +1127,32 @@ def test_every_decoder_reads_this_version_and_refuses_any_other(kind):
             call(version)
         assert info.value.reason == "version", f"{kind} v{version}: {info.value}"
         assert f"reads {FORMAT_VERSION}" in str(info.value)
+
+
+def test_the_largest_aggregator_status_fits_one_control_message():
+    from edgefl.messages.control import (
+        MAX_STATUS_DEVICES,
+        MAX_STATUS_MISSING,
+        MAX_STATUS_REASONS,
+    )
+
+    def ids(n: int, tag: str) -> list[str]:
+        return [f"{tag}{i:05d}".ljust(64, "x") for i in range(n)]
+
+    big = 2**53
+    sent = AggregatorStatus(
+        "online", round=big, model_version=big, reported=big, expected=big, accuracy=0.123456789,
+        quarantined=ids(8, "q"), mode="async", rounds=big, waiting_for="updates",
+        deadline=1e10 + 0.123456, missing=ids(MAX_STATUS_MISSING, "m"), missing_more=big,
+        online=big, uplink_bytes=big, downlink_bytes=big,
+        rejected=dict.fromkeys(ids(MAX_STATUS_REASONS, "r"), big),
+        devices={d: {"rounds": big, "assigned": big, "rejected": big}
+                 for d in ids(MAX_STATUS_DEVICES, "d")},
+        devices_more=big, ts=1e10,
+    )
+    payload = sent.to_payload()
+    assert len(payload) <= MAX_CONTROL_BYTES
+    assert AggregatorStatus.from_payload(payload) == sent
+    one_more = json.loads(payload)
+    one_more["devices"]["z" * 64] = {"rounds": 1}
+    json_rejected(AggregatorStatus, json.dumps(one_more).encode(), "malformed")

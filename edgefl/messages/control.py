@@ -125,6 +125,10 @@ class Telemetry:
     charging: bool | None = None
     temperature_c: float | None = None
     link_kbps: float | None = None
+    # the agent's own process, beside the whole machine's cpu_percent (100 = one core busy,
+    # as psutil counts it) and its resident memory; None from an agent that does not say
+    agent_cpu_percent: float | None = None
+    agent_rss_mb: float | None = None
     ts: float = field(default_factory=time.time)
 
     def to_payload(self) -> bytes:
@@ -148,13 +152,17 @@ class Telemetry:
             charging=checks.flag(obj, "charging", what, None),
             temperature_c=checks.optional_number(obj, "temperature_c", what, -100.0, 200.0),
             link_kbps=checks.optional_number(obj, "link_kbps", what, 0.0, 1e9),
+            agent_cpu_percent=checks.optional_number(
+                obj, "agent_cpu_percent", what, 0.0, 100.0 * 1024
+            ),
+            agent_rss_mb=checks.optional_number(obj, "agent_rss_mb", what, 0.0, 1e9),
             ts=checks.number(obj, "ts", what, 0.0, MAX_TIME),
         )
 
 
 TELEMETRY_KEYS = frozenset(
     {"v", "cpu_percent", "mem_available_mb", "samples", "battery_percent", "charging",
-     "temperature_c", "link_kbps", "ts"}
+     "temperature_c", "link_kbps", "agent_cpu_percent", "agent_rss_mb", "ts"}
 )
 
 
@@ -278,18 +286,48 @@ def capabilities_from(obj: Any) -> dict[str, Any]:
     return {key: CAPABILITIES[key](obj, key, what) for key in obj if obj[key] is not None}
 
 
+# What the aggregator's status lists at most, so that it stays one small retained message
+# however large the fleet: waited-for devices, per-device figures (the rest are counted in
+# missing_more / devices_more), rejection reasons (a fixed set of codes, far fewer than this).
+MAX_STATUS_MISSING = 64
+MAX_STATUS_DEVICES = 256
+MAX_STATUS_REASONS = 64
+# what the aggregator waits for next: nothing yet, devices to come online before the first
+# round, any eligible device, the open round's (or buffer's) updates, nothing (it finished)
+AGGREGATOR_WAITS = ("", "devices", "eligible", "updates", "nothing")
+# a device's figures in the status: rounds (or async tasks) it contributed an accepted update
+# to, rounds it was asked to work in, and its updates rejected
+DEVICE_FIGURES = ("rounds", "assigned", "rejected")
+
+
 @dataclass
 class AggregatorStatus:
-    """Retained on aggregator/status: alive or not, and where the training stands."""
+    """Retained on aggregator/status: alive or not, and where the training stands; enough for
+    ``edgefl status`` and a dashboard (docs/architecture.md, "Operators"), bounded in size."""
 
     state: str  # "online" | "offline" | "finished"
-    round: int = 0
+    round: int = 0  # the open (or last) round; in async mode the buffer being filled
     model_version: int = 0
     reported: int = 0
     expected: int = 0
-    accuracy: float | None = None
+    accuracy: float | None = None  # the newest evaluation's, kept until the next one
     # devices cut off at the broker (aggregator/guard.py), for operators
     quarantined: list[str] = field(default_factory=list)
+    mode: str = "sync"  # "sync" | "async"
+    rounds: int = 0  # rounds (async: model versions) the run is to make; 0 = not said
+    waiting_for: str = ""  # one of AGGREGATOR_WAITS
+    deadline: float | None = None  # unix time by which the open round closes at the latest
+    # the devices waited for (an open round's participants that have not reported, or the
+    # enrolled devices not online yet), at most MAX_STATUS_MISSING of them, and how many more
+    missing: list[str] = field(default_factory=list)
+    missing_more: int = 0
+    online: int = 0  # devices online, as the aggregator sees them
+    uplink_bytes: int = 0  # update bytes received in the closed rounds so far
+    downlink_bytes: int = 0  # task and model bytes sent to devices in them
+    rejected: dict[str, int] = field(default_factory=dict)  # updates and replies, by reason
+    # {device: {"rounds", "assigned", "rejected"}} for at most MAX_STATUS_DEVICES devices
+    devices: dict[str, dict[str, int]] = field(default_factory=dict)
+    devices_more: int = 0
     ts: float = field(default_factory=time.time)
 
     def to_payload(self) -> bytes:
@@ -302,16 +340,65 @@ class AggregatorStatus:
         state = obj.get("state")
         if state not in ("online", "offline", "finished"):
             raise WireError("malformed", f"aggregator state {str(state)[:20]!r}")
+        mode = obj.get("mode", "sync")
+        if mode not in ("sync", "async"):
+            raise WireError("malformed", f"aggregator mode {str(mode)[:20]!r}")
+        waiting = obj.get("waiting_for", "")
+        if waiting not in AGGREGATOR_WAITS:
+            raise WireError("malformed", f"aggregator waiting_for {str(waiting)[:20]!r}")
+
+        def count(key: str) -> int:
+            return checks.count(obj, key, what) if key in obj else 0
+
+        missing = checks.device_ids(obj, "missing", what)
+        if len(missing) > MAX_STATUS_MISSING:
+            raise WireError("malformed", f"{what}: more than {MAX_STATUS_MISSING} missing")
         return cls(
             state=state,
-            round=checks.count(obj, "round", what) if "round" in obj else 0,
-            model_version=checks.count(obj, "model_version", what) if "model_version" in obj else 0,
-            reported=checks.count(obj, "reported", what) if "reported" in obj else 0,
-            expected=checks.count(obj, "expected", what) if "expected" in obj else 0,
+            round=count("round"),
+            model_version=count("model_version"),
+            reported=count("reported"),
+            expected=count("expected"),
             accuracy=checks.optional_number(obj, "accuracy", what, 0.0, 1.0),
             quarantined=checks.device_ids(obj, "quarantined", what),
+            mode=mode,
+            rounds=count("rounds"),
+            waiting_for=waiting,
+            deadline=checks.optional_number(obj, "deadline", what, 0.0, MAX_TIME),
+            missing=missing,
+            missing_more=count("missing_more"),
+            online=count("online"),
+            uplink_bytes=count("uplink_bytes"),
+            downlink_bytes=count("downlink_bytes"),
+            rejected=_counts_by_name(obj.get("rejected", {}), f"{what}: rejected",
+                                     MAX_STATUS_REASONS),
+            devices=_device_figures(obj.get("devices", {}), what),
+            devices_more=count("devices_more"),
             ts=checks.number(obj, "ts", what, 0.0) if "ts" in obj else 0.0,
         )
+
+
+def _counts_by_name(obj: Any, what: str, most: int) -> dict[str, int]:
+    """``{name: count}``, every name a valid name (edgefl.config.NAME_RE), at most ``most``."""
+    if not isinstance(obj, dict) or len(obj) > most:
+        raise WireError("malformed", f"{what} must be an object of at most {most} counts")
+    return {checks.name({"key": k}, "key", what): checks.count(obj, k, what) for k in obj}
+
+
+def _device_figures(obj: Any, what: str) -> dict[str, dict[str, int]]:
+    if not isinstance(obj, dict) or len(obj) > MAX_STATUS_DEVICES:
+        raise WireError(
+            "malformed", f"{what}: devices must be an object of at most {MAX_STATUS_DEVICES}"
+        )
+    out = {}
+    for device_id, figures in obj.items():
+        checks.name({"device": device_id}, "device", what)
+        if not isinstance(figures, dict):
+            raise WireError("malformed", f"{what}: devices.{device_id} must be an object")
+        checks.only_keys(figures, frozenset(DEVICE_FIGURES), f"{what}: devices.{device_id}")
+        out[device_id] = {k: checks.count(figures, k, what) for k in DEVICE_FIGURES
+                          if k in figures}
+    return out
 
 
 REPLY_FORMAT = "edgefl.reply"
