@@ -3,6 +3,7 @@
 edgefl broker       run Mosquitto with edgefl's configuration (a deployment's broker)
 edgefl aggregator   run the aggregator service
 edgefl device       run a device agent (several configs: several agents in one process)
+edgefl dashboard    a live, read-only web page of the fleet
 edgefl demo         start all of the above locally and run B1 end to end
 """
 
@@ -308,6 +309,49 @@ def cmd_readmit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- edgefl dashboard -----------------------------------------------------------------------
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from aggregator.enrolled import read_ids
+    from edgefl.mqtt import BrokerUnavailable
+    from monitor.dashboard import Dashboard
+    from monitor.fleet import FleetView
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {what} from {path}: {e.strerror}") from None
+
+    cfg = load(AggregatorConfig, args.config)
+    token = read(args.token_file, "dashboard token") if args.token_file else args.token
+    password = read(args.monitor_secret, "monitor password")
+    broker = dataclasses.replace(cfg.broker, username="monitor", password=password)
+    listed = cfg.enrolled_devices
+    enrolled = read_ids(listed) if listed and Path(listed).exists() else ()
+    view = FleetView(cfg.fleet, broker, enrolled=enrolled)
+    try:
+        dashboard = Dashboard(view, args.host, args.port, token=token)
+    except OSError as e:
+        print(f"edgefl dashboard: cannot listen on {args.host}:{args.port}: {e.strerror} "
+              "(another program there? choose another with --port)", file=sys.stderr)
+        return 1
+    stop = _until_signal()
+    try:
+        view.start()
+    except BrokerUnavailable as e:
+        dashboard.httpd.server_close()
+        print(f"edgefl dashboard: {e}", file=sys.stderr)
+        return 1
+    with dashboard:
+        shown = dashboard.url + ("?token=…" if token else "")
+        print(f"dashboard of fleet {cfg.fleet}: {shown} (read-only; Ctrl-C stops it)")
+        stop.wait()
+    view.stop()
+    return 0
+
+
 # -- edgefl demo ------------------------------------------------------------------------------
 
 
@@ -457,6 +501,22 @@ def main(argv: list[str] | None = None) -> int:
     ra.add_argument("--config", required=True, help="the aggregator's TOML (broker address)")
     _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
+
+    db = sub.add_parser("dashboard", help="a live, read-only web page of the fleet")
+    db.add_argument("--config", required=True, help="the aggregator's TOML (fleet, broker)")
+    db.add_argument(
+        "--monitor-secret",
+        required=True,
+        help="the monitor account's password file (monitor.secret in the broker's directory)",
+    )
+    db.add_argument("--host", default="127.0.0.1",
+                    help="address to serve on; any but loopback needs a token")
+    db.add_argument("--port", type=int, default=8080)
+    tok = db.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="require this token on every request (?token= or a "
+                     "Bearer header); needed to serve a non-loopback address")
+    tok.add_argument("--token-file", help="read the token from this file instead")
+    db.set_defaults(func=cmd_dashboard)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml")
