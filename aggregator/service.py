@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.msgpack"
 OPEN_ROUND = "open-round.json"
 LEDGER_ROUNDS = 1000
+STATUS_EVERY_S = 0.2  # the aggregator's progress status, at most this often
 
 
 class Aggregator:
@@ -122,6 +123,8 @@ class Aggregator:
         self._round: Sink | None = None
         self._round_lock = threading.Lock()
         self._last_status_at = 0.0
+        self._status_lock = threading.Lock()
+        self._status_timer: threading.Timer | None = None
         # what the loop waits for between rounds ("devices" before the first, "eligible" when
         # none can take part), and whom; a round or buffer says its own (Sink.waiting_on)
         self._waiting: tuple[str, list[str]] = ("", [])
@@ -556,14 +559,28 @@ class Aggregator:
     def _publish_status(
         self, force: bool = False, accuracy: float | None = None, state: str = "online"
     ) -> None:
-        # progress is published at most 5 times a second, so a large fleet does not flood it
-        now = time.monotonic()
-        if not force and now - self._last_status_at < 0.2:
-            return
-        self._last_status_at = now
+        # progress is published at most 5 times a second, so a large fleet does not flood it;
+        # a change held back is published once the fifth of a second is over, or the last
+        # updates of a round would never show while it waits for a straggler
+        with self._status_lock:
+            now = time.monotonic()
+            wait = STATUS_EVERY_S - (now - self._last_status_at)
+            if not force and wait > 0:
+                if self._status_timer is None:
+                    self._status_timer = threading.Timer(wait, self._publish_held_status)
+                    self._status_timer.daemon = True
+                    self._status_timer.start()
+                return
+            self._last_status_at = now
         self.link.publish(
             self.topics.aggregator_status, self._status(state, accuracy).to_payload(), retain=True
         )
+
+    def _publish_held_status(self) -> None:
+        with self._status_lock:
+            self._status_timer = None
+        if not self._stopping.is_set():
+            self._publish_status(force=True)
 
     def finish(self) -> None:
         """Tell everyone that training is over (retained); it stays so (see :meth:`stop`)."""

@@ -570,7 +570,9 @@ class DeviceAgent:
         except Exception:
             log.exception("%s: telemetry reading failed", self.id)
             return
-        self.link.publish(self.topics.telemetry(self.id), t.to_payload(), qos=0)
+        # retained: an operator tool that starts now (edgefl status) sees the latest reading
+        # at once, not after the next interval; the broker keeps one small message per device
+        self.link.publish(self.topics.telemetry(self.id), t.to_payload(), qos=0, retain=True)
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.cfg.telemetry_interval_s):

@@ -148,6 +148,7 @@ class MqttLink:
     def start(self, wait: bool = True) -> MqttLink:
         """Connect in the background; with ``wait``, return once connected and subscribed (the
         broker acknowledged every subscription made before), or raise why not."""
+        self._first_result.clear()  # a link started again waits for its new connection
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.broker.session_expiry_s
         self._client.connect_async(

@@ -1,7 +1,7 @@
 """The MQTT topic namespace of docs/architecture.md, in one place.
 
 edgefl/{fleet}/devices/{id}/status      device -> all         QoS 1, retained (birth, Will)
-edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0
+edgefl/{fleet}/devices/{id}/telemetry   device -> aggregator  QoS 0, retained (the latest)
 edgefl/{fleet}/devices/{id}/task        aggregator -> device  QoS 1
 edgefl/{fleet}/devices/{id}/update      device -> aggregator  QoS 1
 edgefl/{fleet}/devices/{id}/reply       device -> aggregator  QoS 1 (no update: declined, late)

@@ -3,6 +3,7 @@
 edgefl broker       run Mosquitto with edgefl's configuration (a deployment's broker)
 edgefl aggregator   run the aggregator service
 edgefl device       run a device agent (several configs: several agents in one process)
+edgefl status       the fleet on one screen (read-only; --json, --watch N)
 edgefl dashboard    a live, read-only web page of the fleet
 edgefl demo         start all of the above locally and run B1 end to end
 """
@@ -309,33 +310,110 @@ def cmd_readmit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# -- edgefl dashboard -----------------------------------------------------------------------
+# -- edgefl status ----------------------------------------------------------------------------
+
+
+def _monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the operators' tools (status, dashboard) reach the fleet: read by _monitor_broker."""
+    parser.add_argument(
+        "--config", help="the aggregator's TOML: fleet, broker address and TLS, enrolled list"
+    )
+    parser.add_argument("--fleet", help="the fleet (default: the config's)")
+    parser.add_argument(
+        "--host", help="the broker's address (default: the config's, or 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, help="the broker's port (default: the config's, or 1883)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate of the broker's TLS listener")
+    parser.add_argument(
+        "--monitor-secret",
+        default="broker-data/monitor.secret",
+        help="the read-only monitor account's password file (monitor.secret in the broker's "
+        "directory; default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the broker"
+    )
+
+
+def _monitor_broker(args: argparse.Namespace) -> tuple[str, BrokerConfig, list[str]]:
+    """The fleet, how to reach its broker as the read-only monitor account, and the enrolled
+    ids, from the aggregator's config (if given) and the command line."""
+    from aggregator.enrolled import read_ids
+
+    cfg = load(AggregatorConfig, args.config) if args.config else None
+    broker = cfg.broker if cfg else BrokerConfig()
+    fleet = args.fleet or (cfg.fleet if cfg else None)
+    if not fleet:
+        raise ConfigError("name the fleet: --fleet NAME, or --config with the aggregator's TOML")
+    check_name("fleet", fleet)
+    try:
+        password = Path(args.monitor_secret).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the monitor password from {args.monitor_secret}: {e.strerror} "
+            "(monitor.secret in the broker's directory; --monitor-secret FILE)"
+        ) from None
+    changes: dict[str, object] = {"username": "monitor", "password": password}
+    for key in ("host", "port", "tls_ca"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    changes["connect_timeout_s"] = args.timeout
+    enrolled: list[str] = []
+    if cfg and cfg.enrolled_devices:
+        try:
+            enrolled = sorted(read_ids(cfg.enrolled_devices))
+        except OSError as e:  # on another machine than the aggregator, say: not fatal
+            print(f"edgefl status: enrolled_devices {cfg.enrolled_devices}: {e.strerror}; "
+                  "showing the devices the broker knows", file=sys.stderr)
+    return fleet, dataclasses.replace(broker, **changes), enrolled
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The fleet on one screen, from the broker's retained state (monitor/status.py)."""
+    from edgefl.mqtt import BrokerUnavailable
+    from monitor import status
+
+    fleet, broker, enrolled = _monitor_broker(args)
+    try:
+        if args.watch is None:
+            snap = status.gather(fleet, broker, enrolled=enrolled, wait_s=args.wait)
+            status.show(snap, sys.stdout, args.json)
+        else:
+            status.watch(fleet, broker, sys.stdout, every_s=args.watch, enrolled=enrolled,
+                         wait_s=args.wait, as_json=args.json,
+                         clear=sys.stdout.isatty() and not args.json)
+    except BrokerUnavailable as e:
+        print(f"edgefl status: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- edgefl dashboard -------------------------------------------------------------------------
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from aggregator.enrolled import read_ids
+    """A live, read-only web page of the fleet (monitor/dashboard.py)."""
     from edgefl.mqtt import BrokerUnavailable
     from monitor.dashboard import Dashboard
     from monitor.fleet import FleetView
 
-    def read(path: str, what: str) -> str:
+    fleet, broker, enrolled = _monitor_broker(args)
+    token = args.token
+    if args.token_file:
         try:
-            return Path(path).read_text(encoding="utf-8").strip()
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise ConfigError(f"cannot read the {what} from {path}: {e.strerror}") from None
-
-    cfg = load(AggregatorConfig, args.config)
-    token = read(args.token_file, "dashboard token") if args.token_file else args.token
-    password = read(args.monitor_secret, "monitor password")
-    broker = dataclasses.replace(cfg.broker, username="monitor", password=password)
-    listed = cfg.enrolled_devices
-    enrolled = read_ids(listed) if listed and Path(listed).exists() else ()
-    view = FleetView(cfg.fleet, broker, enrolled=enrolled)
+            raise ConfigError(
+                f"cannot read the dashboard token from {args.token_file}: {e.strerror}"
+            ) from None
+    view = FleetView(fleet, broker, enrolled=enrolled)
     try:
-        dashboard = Dashboard(view, args.host, args.port, token=token)
+        dashboard = Dashboard(view, args.bind, args.http_port, token=token)
     except OSError as e:
-        print(f"edgefl dashboard: cannot listen on {args.host}:{args.port}: {e.strerror} "
-              "(another program there? choose another with --port)", file=sys.stderr)
+        print(f"edgefl dashboard: cannot listen on {args.bind}:{args.http_port}: {e.strerror} "
+              "(another program there? choose another with --http-port)", file=sys.stderr)
         return 1
     stop = _until_signal()
     try:
@@ -346,7 +424,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 1
     with dashboard:
         shown = dashboard.url + ("?token=…" if token else "")
-        print(f"dashboard of fleet {cfg.fleet}: {shown} (read-only; Ctrl-C stops it)")
+        print(f"dashboard of fleet {fleet}: {shown} (read-only; Ctrl-C stops it)")
         stop.wait()
     view.stop()
     return 0
@@ -377,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="edgefl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level", help="INFO by default; `edgefl status` logs only what is CRITICAL (its "
+        "screen says the rest)"
+    )
     p.add_argument("--log-file", help="write logs here instead of standard error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -502,16 +583,26 @@ def main(argv: list[str] | None = None) -> int:
     _admin_secret_argument(ra)
     ra.set_defaults(func=cmd_readmit)
 
-    db = sub.add_parser("dashboard", help="a live, read-only web page of the fleet")
-    db.add_argument("--config", required=True, help="the aggregator's TOML (fleet, broker)")
-    db.add_argument(
-        "--monitor-secret",
-        required=True,
-        help="the monitor account's password file (monitor.secret in the broker's directory)",
+    st = sub.add_parser(
+        "status", help="the fleet on one screen: devices, round, accuracy (read-only)"
     )
-    db.add_argument("--host", default="127.0.0.1",
-                    help="address to serve on; any but loopback needs a token")
-    db.add_argument("--port", type=int, default=8080)
+    _monitor_arguments(st)
+    st.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    st.add_argument(
+        "--watch", type=float, metavar="N", help="redraw every N seconds until Ctrl-C"
+    )
+    st.add_argument(
+        "--wait", type=float, default=1.0, help="seconds to wait for the retained state"
+    )
+    st.set_defaults(func=cmd_status)
+
+    db = sub.add_parser("dashboard", help="a live, read-only web page of the fleet")
+    _monitor_arguments(db)
+    db.add_argument("--bind", default="127.0.0.1",
+                    help="the page's address (default %(default)s); any but loopback needs a "
+                    "token")
+    db.add_argument("--http-port", type=int, default=8080,
+                    help="the page's port (default %(default)s)")
     tok = db.add_mutually_exclusive_group()
     tok.add_argument("--token", help="require this token on every request (?token= or a "
                      "Bearer header); needed to serve a non-loopback address")
@@ -527,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if args.command != "demo" or args.log_file:
-        _setup_logging(args.log_level, args.log_file)
+        quiet = args.command == "status"  # its screen (or one-line error) says it all
+        _setup_logging(args.log_level or ("CRITICAL" if quiet else "INFO"), args.log_file)
     try:
         return args.func(args)
     except ConfigError as e:

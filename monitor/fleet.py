@@ -232,15 +232,26 @@ class FleetView:
           when this view last heard of it); the fields of its latest birth (agent_version,
           serving, serving_variant, serving_accuracy, capabilities ...; empty if the view saw
           none) and ``telemetry`` (its latest reading, every field of
-          edgefl.messages.Telemetry, or None);
+          edgefl.messages.Telemetry, or None); ``training``: what the aggregator's status says
+          of it ({"rounds": contributed to, "assigned", "rejected": updates refused}), None
+          if it does not list it (it lists MAX_STATUS_DEVICES at most);
         - ``counts``: devices online, offline, unknown;
         - ``invalid``: messages skipped as invalid, by reason.
         """
         with self._lock:
-            devices = {d: self._describe(d, e) for d, e in sorted(self._devices.items())}
             agg = None
+            known = dict(self._devices)
             if self._aggregator is not None:
                 agg = asdict(self._aggregator) | {"received_at": self._aggregator_at}
+                # devices the aggregator knows of but this view never heard from (offline
+                # since before it started, say) are shown too, as unknown
+                for device_id in (*self._aggregator.devices, *self._aggregator.missing):
+                    known.setdefault(device_id, _Device())
+            figures = agg["devices"] if agg else {}
+            devices = {
+                d: self._describe(d, e) | {"training": figures.get(d)}
+                for d, e in sorted(known.items())
+            }
             invalid = dict(self.invalid)
         counts = Counter(d["state"] for d in devices.values())
         return {
