@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -291,8 +292,7 @@ class Dashboard:
         self.state = LiveState(view)
         self.page, self.csp = _page()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), _Handler)
         self.httpd.dashboard = self  # type: ignore[attr-defined]
         self.host = host
         self.port = self.httpd.server_address[1]
@@ -335,6 +335,15 @@ class Dashboard:
         if header and header.startswith("Bearer "):
             offered = header[len("Bearer "):].strip()
         return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # an open event stream must not hold the process at exit
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        if ":" in address[0]:  # an IPv6 address ("::1", "::")
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from edgefl.config import BrokerConfig, ConfigError, ProfileConfig
+from edgefl.topics import Topics
 from monitor.dashboard import Dashboard, History, check_exposure, rollout
 from monitor.fleet import FleetView
 from tests.conftest import FLEET, wait_until
@@ -126,7 +127,8 @@ def test_a_token_is_checked_on_every_request_and_nothing_can_be_changed() -> Non
 
 
 def test_the_page_allows_only_its_own_script_and_refuses_strange_hosts() -> None:
-    with Dashboard(_offline_view(), "127.0.0.1", 0) as dash:
+    with Dashboard(_offline_view(), "::1", 0) as dash:  # IPv6 loopback too
+        assert dash.url.startswith("http://[::1]:")
         req = urllib.request.Request(dash.url)
         with urllib.request.urlopen(req, timeout=5) as r:
             csp = r.headers["Content-Security-Policy"]
@@ -207,6 +209,12 @@ def test_the_page_follows_a_live_run_in_headless_chromium(make_fleet, tmp_path: 
             wait_until(lambda: shown_round() >= 1, 20, "a round on the page")
             first = shown_round()
             wait_until(lambda: shown_round() >= first + 2, 20, "the round counter to advance")
+
+            # dev-0 sends something that is no update: the aggregator rejects it, and the page
+            # lists the rejection once the aggregator's status counts it
+            fleet.agents["dev-0"].link.publish(Topics(FLEET).update("dev-0"), b"\x00 junk", qos=1)
+            page.wait_for_selector("#rejections ul.events li", timeout=15_000)
+            assert "from dev-0 +1" in page.inner_text("#rejections")
 
             # dev-2 dies as if its power went: its Will turns it, and its tile, offline
             fleet.agents["dev-2"].crash()
