@@ -349,6 +349,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgefl-dashboard"
     protocol_version = "HTTP/1.1"
+    # a client that connects and then says nothing gives its thread back after this long
+    timeout = 30.0
 
     @property
     def dash(self) -> Dashboard:
