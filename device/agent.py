@@ -290,6 +290,12 @@ class DeviceAgent:
             previous_accuracy=self.deployment.previous_accuracy,
         )
         self.link.publish(self.topics.status(self.id), status.to_payload(), qos=1, retain=True)
+        if reading is not None:
+            # the retained telemetry outlives the birth, which the Will replaces: an operator
+            # then still sees a device that died before its first report as it last was
+            self.link.publish(
+                self.topics.telemetry(self.id), reading.to_payload(), qos=0, retain=True
+            )
 
     def _local_accuracy(self, server: inference.InferenceServer) -> float:
         """The health figure a rollout judges: the served model's accuracy on local data."""

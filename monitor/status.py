@@ -82,7 +82,9 @@ def _names(ids: list[str], more: int = 0) -> str:
     return ", ".join(ids) + (f" and {more} more" if more else "")
 
 
-def _aggregator_lines(agg: dict[str, Any] | None, now: float) -> list[str]:
+def _aggregator_lines(
+    agg: dict[str, Any] | None, devices: dict[str, Any], now: float
+) -> list[str]:
     if agg is None:
         return ["aggregator: no status on the broker (never started, or another fleet name?)"]
     mode = agg["mode"]
@@ -92,7 +94,11 @@ def _aggregator_lines(agg: dict[str, Any] | None, now: float) -> list[str]:
             where += f" (run makes {agg['rounds']} versions)"
         progress = f"{agg['reported']} of {agg['expected']} updates in the buffer"
     else:
-        where = f"round {agg['round']}" + (f" of {agg['rounds']}" if agg["rounds"] else "")
+        total = agg["rounds"]
+        if agg["round"]:
+            where = f"round {agg['round']}" + (f" of {total}" if total else "")
+        else:
+            where = "no round yet" + (f" ({total} to run)" if total else "")
         where += f", model v{agg['model_version']}"
         progress = f"{agg['reported']} of {agg['expected']} reported"
     state = agg["state"]
@@ -100,7 +106,10 @@ def _aggregator_lines(agg: dict[str, Any] | None, now: float) -> list[str]:
     if state == "online" and agg["expected"]:
         first += f": {progress}"
     lines = [first]
-    waiting, missing = agg["waiting_for"], _names(agg["missing"], agg["missing_more"])
+    # whom it waits for, and which of them the broker says are gone (their Will)
+    waited = [d + (" (offline)" if devices.get(d, {}).get("state") == "offline" else "")
+              for d in agg["missing"]]
+    waiting, missing = agg["waiting_for"], _names(waited, agg["missing_more"])
     if state != "online":
         nxt = {"finished": "training is over", "offline": "stopped (or lost)"}[state]
         nxt += f"; last status {_ago(agg['ts'], now)}"
@@ -171,7 +180,7 @@ def render(snap: dict[str, Any], now: float | None = None) -> str:
         f"  ({datetime.fromtimestamp(snap['taken_at']).strftime('%H:%M:%S')}"
         f"{'' if snap['connected'] else ', not connected to the broker'})"
     )
-    lines = [head, *_aggregator_lines(snap["aggregator"], now), ""]
+    lines = [head, *_aggregator_lines(snap["aggregator"], snap["devices"], now), ""]
     rows = [COLUMNS] + [_device_row(k, v, now) for k, v in snap["devices"].items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines += ["  ".join(f"{v:<{w}}" for v, w in zip(r, widths, strict=True)).rstrip()

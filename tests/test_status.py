@@ -99,7 +99,7 @@ def test_status_shows_a_training_fleet_and_a_device_killed_mid_round(
     assert devices["dev-2"]["last_seen"] is not None and devices["dev-3"]["last_seen"] is None
 
     assert "aggregator: online, sync, round 2 of 3, model v1: 2 of 3 reported" in screen
-    assert "next: waiting for updates from dev-2 until" in screen
+    assert "next: waiting for updates from dev-2 (offline) until" in screen
     rows = {line.split()[0]: line.split() for line in screen.splitlines()
             if line.startswith("dev-")}
     assert list(rows) == ["dev-0", "dev-1", "dev-2", "dev-3"]
@@ -112,7 +112,7 @@ def test_status_shows_a_training_fleet_and_a_device_killed_mid_round(
     assert cli["aggregator"]["missing"] == ["dev-2"] and cli["aggregator"]["round"] == 2
     assert {d: v["state"] for d, v in cli["devices"].items()} == {
         "dev-0": "online", "dev-1": "online", "dev-2": "offline", "dev-3": "unknown"}
-    assert text.returncode == 0 and "waiting for updates from dev-2" in text.stdout
+    assert text.returncode == 0 and "waiting for updates from dev-2 (offline)" in text.stdout
 
 
 def test_status_of_a_finished_run_and_watch(make_fleet, broker) -> None:
