@@ -376,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query).get("token", [None])[0]
         dash = self.dash
         if dash.token is None and self.headers.get("Host", "") not in dash.allowed_hosts():
-            self._reply(HTTPStatus.FORBIDDEN, b"unknown Host header\n", "text/plain")
+            self._reply(HTTPStatus.FORBIDDEN, b"unknown Host header\n", "text/plain", head=head)
             return
         if not dash.token_ok(self.headers.get("Authorization"), query):
             self._reply(
@@ -385,6 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
                 b"'Authorization: Bearer TOKEN' (the token is the one edgefl dashboard was "
                 b"started with: --token or --token-file)\n",
                 "text/plain; charset=utf-8",
+                head=head,
                 extra={"WWW-Authenticate": 'Bearer realm="edgefl dashboard"'},
             )
             return
