@@ -234,7 +234,7 @@ class Aggregator:
         deadline = time.monotonic() + timeout
         said, online = -1.0, -1
         while not self._stopping.is_set():
-            n = self.registry.wait_online(want, 1.0)
+            n = len(self.registry.online())
             left = deadline - time.monotonic()
             if n >= want or left <= 0:
                 break
@@ -248,6 +248,7 @@ class Aggregator:
                     "fleet %r: %d of %d devices online; waiting up to %.0f s more for %s",
                     self.cfg.fleet, n, want, left, _names(self._not_online(), "more devices"),
                 )
+            self.registry.wait_online(want, min(1.0, left))
         self._waiting = ("", [])
         n = len(self.registry.online())
         if n < want and not self._stopping.is_set():

@@ -124,7 +124,7 @@ def _aggregator_lines(
             at = datetime.fromtimestamp(agg["deadline"]).strftime("%H:%M:%S")
             nxt += f" until {at} ({left:.0f} s)" if left > 0 else f" (deadline {at} passed)"
     else:
-        nxt = "between rounds"
+        nxt = "between rounds" if agg["round"] else "starting"
     lines.append(f"  next: {nxt}")
     acc = _num(agg["accuracy"], ".4f")
     lines.append(
