@@ -87,6 +87,10 @@ def _aggregator_lines(
 ) -> list[str]:
     if agg is None:
         return ["aggregator: no status on the broker (never started, or another fleet name?)"]
+    if agg["state"] == "offline" and not agg["rounds"]:
+        # its Last Will: a bare "offline" (a clean stop says where it stood, rounds included)
+        return [f"aggregator: offline: lost without a goodbye (its Last Will), "
+                f"{_ago(agg['ts'], now)}; the devices' lines below are what the broker kept"]
     mode = agg["mode"]
     if mode == "async":
         where = f"model v{agg['model_version']}, buffer {agg['round']}"

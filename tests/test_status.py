@@ -157,3 +157,55 @@ def test_status_without_a_readable_password_file_says_which(tmp_path) -> None:
     assert got.returncode == 2
     assert "cannot read the monitor password from" in got.stderr
     assert "Traceback" not in got.stderr
+
+
+def _snapshot(aggregator: dict | None, **devices: dict) -> dict:
+    from dataclasses import asdict
+
+    from edgefl.messages import AggregatorStatus
+
+    agg = None if aggregator is None else asdict(AggregatorStatus(**aggregator)) | {
+        "received_at": 100.0}
+    base = {"state": "online", "enrolled": None, "serving": None, "serving_variant": None,
+            "last_seen": 95.0, "telemetry": None, "training": None}
+    return {"fleet": "home", "taken_at": 100.0, "connected": True, "aggregator": agg,
+            "devices": {d: base | v for d, v in devices.items()},
+            "counts": {"online": 1, "offline": 0, "unknown": 0}, "invalid": {"malformed": 3}}
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "expected"),
+    [
+        (None, "aggregator: no status on the broker"),
+        ({"state": "offline", "ts": 40.0}, "offline: lost without a goodbye (its Last Will), "
+                                           "60 s ago"),
+        ({"state": "online", "mode": "async", "round": 4, "model_version": 3, "rounds": 10,
+          "reported": 2, "expected": 5, "waiting_for": "updates", "missing": ["a", "b"]},
+         "aggregator: online, async, model v3, buffer 4 (run makes 10 versions): 2 of 5 updates "
+         "in the buffer\n  next: waiting for updates from a, b\n"),
+        ({"state": "online", "round": 2, "rounds": 5, "waiting_for": "eligible",
+          "missing": ["a"], "missing_more": 70},
+         "next: no device can take part; waiting for a and 70 more"),
+        ({"state": "online", "round": 2, "rounds": 5, "rejected": {"stale": 2, "round": 1},
+          "quarantined": ["x"], "uplink_bytes": 2_500_000},
+         "bytes up 2.5 MB, down 0 B; 0 devices online as it sees them\n  updates rejected: "
+         "round 1, stale 2; quarantined: x"),
+    ],
+    ids=["none", "will", "async", "eligible", "rejections"],
+)
+def test_the_screen_says_what_the_aggregator_does(aggregator, expected) -> None:
+    screen = status.render(_snapshot(aggregator, a={}), now=100.0)
+    assert expected in screen
+    assert "skipped invalid messages: malformed 3" in screen
+
+
+def test_a_device_row_shows_battery_agent_figures_link_and_model() -> None:
+    t = {"battery_percent": 41.6, "charging": True, "agent_cpu_percent": 7.4,
+         "agent_rss_mb": 120.2, "link_kbps": 850.0, "samples": 300}
+    snap = _snapshot({"state": "online", "round": 1, "rounds": 2},
+                     a={"telemetry": t, "serving": 4, "serving_variant": "int8",
+                        "training": {"rounds": 3, "assigned": 4, "rejected": 2}})
+    row = next(line for line in status.render(snap, now=100.0).splitlines()
+               if line.startswith("a "))
+    assert row.split() == ["a", "online", "5", "s", "ago", "42%", "charging", "7%", "120", "MB",
+                           "850", "kbit/s", "300", "v4", "int8", "3/4", "2"]
