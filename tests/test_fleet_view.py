@@ -108,3 +108,45 @@ def test_wrong_credentials_are_refused_with_a_clear_error(broker) -> None:
     cfg.connect_timeout_s = 3.0
     with pytest.raises(BrokerUnavailable, match="refused"):
         FleetView(FLEET, cfg).start()
+
+
+def test_no_payload_breaks_the_view_or_its_snapshot() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgefl.config import BrokerConfig
+
+    view = FleetView(FLEET, BrokerConfig())  # never started: its handlers are called here
+    valid = {
+        "status": Status("online", serving=1, telemetry=Telemetry(1.0, 2.0, 3)).to_payload(),
+        "telemetry": Telemetry(1.0, 2.0, 3).to_payload(),
+        "aggregator": AggregatorStatus("online", round=1, devices={"d": {"rounds": 1}},
+                                       missing=["d"]).to_payload(),
+    }
+    handlers = {"status": view._on_status, "telemetry": view._on_telemetry,
+                "aggregator": view._on_aggregator}
+    topics = {"status": TOPICS.status("dev-1"), "telemetry": TOPICS.telemetry("dev-1"),
+              "aggregator": TOPICS.aggregator_status}
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                    max_size=4),
+        max_leaves=10,
+    )
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(kind=st.sampled_from(sorted(handlers)), raw=st.binary(max_size=200),
+           key=st.text(max_size=20), value=json_values, mode=st.integers(0, 2),
+           topic=st.sampled_from(["", "edgefl/test/devices/Bad/status", None]))
+    def feed(kind, raw, key, value, mode, topic):
+        if mode == 0:
+            payload = raw
+        else:
+            obj = json.loads(valid[kind])
+            obj[key if mode == 1 else next(iter(obj))] = value
+            payload = json.dumps(obj).encode()
+        handlers[kind](topic if topic is not None else topics[kind], payload)
+        json.dumps(view.snapshot(), allow_nan=False)  # what a dashboard serves as it is
+
+    feed()
+    assert sum(view.invalid.values()) > 0
