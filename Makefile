@@ -1,6 +1,7 @@
 # Two commands a user needs: `make demo` and `make test`. Each does its own set-up:
 # Mosquitto (apt on Debian / Raspberry Pi OS), a virtual environment and the packages, and the
-# data sets beyond the bundled digits.
+# data sets beyond the bundled digits; `make test` also Chromium (apt), for the dashboard's
+# browser test.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,12 +11,16 @@ STAMP  := $(VENV)/.edgefl-installed
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/b1.toml
 
-.PHONY: setup mosquitto datasets demo test unit lint bench clean
+.PHONY: setup mosquitto chromium datasets demo test unit lint bench clean
 
 setup: mosquitto $(STAMP) datasets
 
 mosquitto:
 	@sh broker/install-mosquitto.sh
+
+# Debian's Chromium, driven by Playwright (the dev extra) in tests/test_dashboard.py
+chromium:
+	@sh monitor/install-chromium.sh
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "edgefl needs Python 3.11 or newer"'
@@ -35,7 +40,7 @@ datasets: $(STAMP)
 demo: setup
 	$(BIN)/edgefl demo --config $(CONFIG)
 
-test: setup lint
+test: setup chromium lint
 	$(BIN)/python -m pytest -q
 
 # the unit tests alone, in seconds: no broker, nothing slow

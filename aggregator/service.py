@@ -570,6 +570,7 @@ class Aggregator:
             online=len(self.registry.online()),
             uplink_bytes=sum(m.uplink_bytes for m in self.history),
             downlink_bytes=sum(m.downlink_bytes for m in self.history),
+            energy_j=sum(m.energy_j for m in self.history),
             rejected=dict(reasons[:MAX_STATUS_REASONS]),
             devices=devices,
             devices_more=devices_more,

@@ -336,6 +336,30 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 # -- edgefl status ----------------------------------------------------------------------------
 
 
+def _monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the operators' tools (status, dashboard) reach the fleet: read by _monitor_broker."""
+    parser.add_argument(
+        "--config", help="the aggregator's TOML: fleet, broker address and TLS, enrolled list"
+    )
+    parser.add_argument("--fleet", help="the fleet (default: the config's)")
+    parser.add_argument(
+        "--host", help="the broker's address (default: the config's, or 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, help="the broker's port (default: the config's, or 1883)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate of the broker's TLS listener")
+    parser.add_argument(
+        "--monitor-secret",
+        default="broker-data/monitor.secret",
+        help="the read-only monitor account's password file (monitor.secret in the broker's "
+        "directory; default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the broker"
+    )
+
+
 def _monitor_broker(args: argparse.Namespace) -> tuple[str, BrokerConfig, list[str]]:
     """The fleet, how to reach its broker as the read-only monitor account, and the enrolled
     ids, from the aggregator's config (if given) and the command line."""
@@ -364,7 +388,7 @@ def _monitor_broker(args: argparse.Namespace) -> tuple[str, BrokerConfig, list[s
         try:
             enrolled = sorted(read_ids(cfg.enrolled_devices))
         except OSError as e:  # on another machine than the aggregator, say: not fatal
-            print(f"edgefl status: enrolled_devices {cfg.enrolled_devices}: {e.strerror}; "
+            print(f"edgefl {args.command}: enrolled_devices {cfg.enrolled_devices}: {e.strerror}; "
                   "showing the devices the broker knows", file=sys.stderr)
     return fleet, dataclasses.replace(broker, **changes), enrolled
 
@@ -424,6 +448,46 @@ def cmd_split(args: argparse.Namespace) -> int:
         print(f"edgefl split: {e}{hint}", file=sys.stderr)
         return 2
     print("\n".join(sp.summary(split, args.out)))
+    return 0
+
+
+# -- edgefl dashboard -------------------------------------------------------------------------
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """A live, read-only web page of the fleet (monitor/dashboard.py)."""
+    from edgefl.mqtt import BrokerUnavailable
+    from monitor.dashboard import Dashboard
+    from monitor.fleet import FleetView
+
+    fleet, broker, enrolled = _monitor_broker(args)
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the dashboard token from {args.token_file}: {e.strerror}"
+            ) from None
+    view = FleetView(fleet, broker, enrolled=enrolled)
+    try:
+        dashboard = Dashboard(view, args.bind, args.http_port, token=token)
+    except OSError as e:
+        print(f"edgefl dashboard: cannot listen on {args.bind}:{args.http_port}: {e.strerror} "
+              "(another program there? choose another with --http-port)", file=sys.stderr)
+        return 1
+    stop = _until_signal()
+    try:
+        view.start()
+    except BrokerUnavailable as e:
+        dashboard.httpd.server_close()
+        print(f"edgefl dashboard: {e}", file=sys.stderr)
+        return 1
+    with dashboard:
+        shown = dashboard.url + ("?token=…" if token else "")
+        print(f"dashboard of fleet {fleet}: {shown} (read-only; Ctrl-C stops it)")
+        stop.wait()
+    view.stop()
     return 0
 
 
@@ -595,28 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "status", help="the fleet on one screen: devices, round, accuracy (read-only)"
     )
-    st.add_argument(
-        "--config", help="the aggregator's TOML: fleet, broker address and TLS, enrolled list"
-    )
-    st.add_argument("--fleet", help="the fleet (default: the config's)")
-    st.add_argument("--host", help="the broker's address (default: the config's, or 127.0.0.1)")
-    st.add_argument("--port", type=int, help="the broker's port (default: the config's, or 1883)")
-    st.add_argument("--tls-ca", help="CA certificate of the broker's TLS listener")
-    st.add_argument(
-        "--monitor-secret",
-        default="broker-data/monitor.secret",
-        help="the read-only monitor account's password file (monitor.secret in the broker's "
-        "directory; default %(default)s)",
-    )
+    _monitor_arguments(st)
     st.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     st.add_argument(
         "--watch", type=float, metavar="N", help="redraw every N seconds until Ctrl-C"
     )
     st.add_argument(
         "--wait", type=float, default=1.0, help="seconds to wait for the retained state"
-    )
-    st.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the broker"
     )
     st.set_defaults(func=cmd_status)
     split_defaults = DataConfig()  # the demo's: one place for them
@@ -695,6 +744,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default="data", help="where to write (default: %(default)s)"
     )
     sp.set_defaults(func=cmd_split)
+
+    db = sub.add_parser("dashboard", help="a live, read-only web page of the fleet")
+    _monitor_arguments(db)
+    db.add_argument("--bind", default="127.0.0.1",
+                    help="the page's address (default %(default)s); any but loopback needs a "
+                    "token")
+    db.add_argument("--http-port", type=int, default=8080,
+                    help="the page's port (default %(default)s)")
+    tok = db.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="require this token on every request (?token= or a "
+                     "Bearer header); needed to serve a non-loopback address")
+    tok.add_argument("--token-file", help="read the token from this file instead")
+    db.set_defaults(func=cmd_dashboard)
 
     m = sub.add_parser("demo", help="run B1 locally: broker, aggregator, devices, ONNX")
     m.add_argument("--config", default="configs/b1.toml", help="the run's TOML (see configs/)")

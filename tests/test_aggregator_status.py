@@ -3,6 +3,8 @@ for and whom, per-device figures, and a finished run's status that nothing overw
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 import threading
 
@@ -31,6 +33,7 @@ def test_a_finished_run_stays_finished_with_its_accuracy(make_fleet, broker) -> 
     assert status["round"] == 2 and status["rounds"] == 2 and status["model_version"] == 2
     assert status["uplink_bytes"] == sum(m.uplink_bytes for m in history) > 0
     assert status["downlink_bytes"] == sum(m.downlink_bytes for m in history) > 0
+    assert status["energy_j"] == pytest.approx(sum(m.energy_j for m in history)) > 0
     assert status["devices"] == {
         d: {"rounds": 2, "assigned": 2, "rejected": 0} for d in ("dev-0", "dev-1")
     }

@@ -250,6 +250,7 @@ SHELL_SCRIPTS = [
     INSTALL_SH,
     ROOT / "broker" / "install-mosquitto.sh",
     ROOT / "edgefl" / "data" / "install-fashion-mnist.sh",
+    ROOT / "monitor" / "install-chromium.sh",
     ROOT / ".ci" / "run",
 ]
 

@@ -324,6 +324,7 @@ class AggregatorStatus:
     online: int = 0  # devices online, as the aggregator sees them
     uplink_bytes: int = 0  # update bytes received in the closed rounds so far
     downlink_bytes: int = 0  # task and model bytes sent to devices in them
+    energy_j: float = 0.0  # the devices' estimated energy over those rounds (telemetry's model)
     rejected: dict[str, int] = field(default_factory=dict)  # updates and replies, by reason
     # {device: {"rounds", "assigned", "rejected"}} for at most MAX_STATUS_DEVICES devices
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -370,6 +371,7 @@ class AggregatorStatus:
             online=count("online"),
             uplink_bytes=count("uplink_bytes"),
             downlink_bytes=count("downlink_bytes"),
+            energy_j=checks.optional_number(obj, "energy_j", what, 0.0, 1e15) or 0.0,
             rejected=_counts_by_name(obj.get("rejected", {}), f"{what}: rejected",
                                      MAX_STATUS_REASONS),
             devices=_device_figures(obj.get("devices", {}), what),
