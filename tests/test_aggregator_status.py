@@ -3,10 +3,10 @@ for and whom, per-device figures, and a finished run's status that nothing overw
 
 from __future__ import annotations
 
-import pytest
-
 import logging
 import threading
+
+import pytest
 
 from aggregator.enrolled import add_ids
 from monitor.fleet import FleetView
