@@ -234,17 +234,21 @@ def targets_met(s: dict[str, Any]) -> dict[str, bool | None]:
 # --- runs --------------------------------------------------------------------------------------
 
 
-# settings of every run that --set changes (a sweep's), on top of the data set's config
-SETTINGS: dict[str, Any] = {}
-
-
-def config_for(name: str, method: str, seed: int, rounds: int | None):
+def config_for(
+    name: str,
+    method: str,
+    seed: int,
+    rounds: int | None,
+    settings: dict[str, Any] | None = None,
+):
+    """The run's config: the data set's file, ``settings`` (what --set changes, a sweep's) over
+    it, and the run's method, seed and rounds over both."""
     from edgefl.config import RunConfig, load, merge
 
     over: dict[str, Any] = {"seed": seed, "data": {"seed": seed}, "personal": {"method": method}}
     if rounds:
         over["rounds"] = {"rounds": rounds}
-    return load(RunConfig, DATASETS[name], merge(SETTINGS, over))
+    return load(RunConfig, DATASETS[name], merge(settings or {}, over))
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -275,11 +279,17 @@ def missing_data(name: str) -> str | None:
     return None
 
 
-def one_run(name: str, method: str, seed: int, rounds: int | None) -> dict[str, Any]:
+def one_run(
+    name: str,
+    method: str,
+    seed: int,
+    rounds: int | None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One run of ``method`` on data set ``name`` through the real programs, and its figures."""
     from launch.local import run_local
 
-    cfg = config_for(name, method, seed, rounds)
+    cfg = config_for(name, method, seed, rounds, settings)
     with tempfile.TemporaryDirectory(prefix=f"edgefl-b8-{name}-{method}-") as tmp:
         result = run_local(cfg, Path(tmp) / "run", timeout_s=1800)
         if not result.ok:
@@ -401,9 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from edgefl.config import merge
 
+    settings: dict[str, Any] = {}
     for text in args.set:
         try:
-            SETTINGS.update(merge(SETTINGS, parse_setting(text)))
+            settings = merge(settings, parse_setting(text))
         except ValueError as e:
             p.error(str(e))
     names = _parse_list(args.datasets, list(DATASETS), "data sets", p)
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             # methods alternate within a seed, so that drifting machine load hits them alike
             for method in methods:
-                f = one_run(name, method, seed, args.rounds)
+                f = one_run(name, method, seed, args.rounds, settings)
                 print(_line(name, method, seed, f), flush=True)
                 runs[method].append(f)
         detail[name] = runs
@@ -440,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         and not args.set
     )
     save = args.save or ("b8_personal" if full else None)
-    result = {"datasets": summary, "settings": SETTINGS}
+    result = {"datasets": summary, "settings": settings}
     if save:
         write_results(save, {**result, "seeds": args.seeds, "wall_s": wall_s, "runs": detail}, text)
     print(json.dumps(result))

@@ -217,10 +217,7 @@ def test_a_setting_of_a_sweep_overrides_the_config_as_toml() -> None:
         with pytest.raises(ValueError):
             parse_setting(bad)
     in_file = b8.config_for("digits", "ditto", 1, None).personal.epochs
-    b8.SETTINGS.update(parse_setting(f"personal.epochs={in_file + 2}"))
-    try:
-        cfg = b8.config_for("digits", "ditto", 1, None)
-        assert (cfg.personal.epochs, cfg.personal.method, cfg.seed) == (in_file + 2, "ditto", 1)
-    finally:
-        b8.SETTINGS.clear()
+    settings = parse_setting(f"personal.epochs={in_file + 2}")
+    cfg = b8.config_for("digits", "ditto", 1, None, settings)
+    assert (cfg.personal.epochs, cfg.personal.method, cfg.seed) == (in_file + 2, "ditto", 1)
     assert b8.config_for("digits", "ditto", 1, None).personal.epochs == in_file
